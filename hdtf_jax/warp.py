@@ -1,0 +1,241 @@
+"""Grid-sample warping and dense-flow helpers (JAX, jittable, differentiable).
+
+Conventions used throughout hdtf-jax
+-----------------------------------
+* Images and feature maps are NHWC. Flows are (N, H, W, 2) in pixels, ordered
+  (dx, dy), and are *backward* flows: ``warp(image, flow)[y, x] =
+  image[y + dy, x + dx]`` (the output pixel looks up where it comes from).
+* Grids are (N, Ho, Wo, 2) holding normalised (x, y) in [-1, 1], x indexing
+  width, exactly as ``torch.nn.functional.grid_sample`` reads them.
+* The project uses ``align_corners=False`` everywhere. -1 and +1 then name the
+  outer *edges* of the border pixels, so a normalised position means the same
+  point of the picture at every resolution: a flow computed at 128x128 and
+  turned into a grid warps a 512x512 feature map correctly. It is also
+  PyTorch's default and the half-pixel-centre convention of
+  ``jax.image.resize``, so resizing and warping agree.
+* Trap (PAPER.md section 4): the authors' released code (like PIRender and
+  DINet) normalises grids with ``(size - 1)`` -- the align_corners=True
+  formula -- but calls grid_sample with align_corners=False, which shifts and
+  shrinks every warp by half a pixel per side. Build grids with
+  ``flow_to_grid``/``identity_grid`` using the same ``align_corners`` you pass
+  to ``grid_sample`` and the pair is consistent; the tests check that the
+  identity grid reproduces the image exactly.
+
+Sampling formula (PyTorch's, reproduced exactly): a normalised coordinate g on
+an axis of size S becomes the pixel coordinate ``((g + 1) * S - 1) / 2``
+(align_corners=False) or ``(g + 1) / 2 * (S - 1)`` (True). "border" padding
+clamps that coordinate to [0, S - 1] (the gradient is zero where it clamps,
+boundaries included); "zeros" padding reads 0 for any corner outside the
+image. Bilinear mixes the four corners around the point; nearest rounds half
+to even (like ``nearbyint``) and has zero gradient with respect to the grid.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MODES = ("bilinear", "nearest")
+PADDING_MODES = ("zeros", "border")
+
+
+def _check_options(mode: str, padding_mode: str) -> None:
+  if mode not in MODES:
+    raise ValueError(f"grid_sample: mode must be one of {MODES}, got {mode!r}")
+  if padding_mode not in PADDING_MODES:
+    raise ValueError(
+        f"grid_sample: padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+
+
+def _unnormalize(g, size: int, align_corners: bool):
+  """Normalised [-1, 1] coordinate -> pixel coordinate (pixel centres at integers)."""
+  if align_corners:
+    return (g + 1) * ((size - 1) / 2)
+  return ((g + 1) * size - 1) / 2
+
+
+def _normalize(p, size: int, align_corners: bool):
+  """Inverse of `_unnormalize`."""
+  if align_corners:
+    return p * (2 / max(size - 1, 1)) - 1
+  return (2 * p + 1) / size - 1
+
+
+def _clip_border(p, size: int):
+  """Clamps to [0, size-1] with zero gradient at and beyond the ends (as PyTorch)."""
+  inside = (p > 0) & (p < size - 1)
+  return jnp.where(inside, p, jnp.where(p <= 0, 0.0, size - 1.0).astype(p.dtype))
+
+
+def _check_shapes(image, grid):
+  if image.ndim != 4:
+    raise ValueError(f"grid_sample: image must be NHWC (4-D), got shape {image.shape}")
+  if grid.ndim != 4 or grid.shape[-1] != 2:
+    raise ValueError(f"grid_sample: grid must be (N, Ho, Wo, 2), got shape {grid.shape}")
+  if grid.shape[0] != image.shape[0]:
+    raise ValueError(
+        f"grid_sample: batch sizes differ: image {image.shape[0]} vs grid {grid.shape[0]}")
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "padding_mode", "align_corners"))
+def grid_sample(image, grid, *, mode: str = "bilinear", padding_mode: str = "zeros",
+                align_corners: bool = False):
+  """Samples `image` (N, H, W, C) at `grid` (N, Ho, Wo, 2) -> (N, Ho, Wo, C).
+
+  Same values and gradients as ``torch.nn.functional.grid_sample`` for the
+  given mode ("bilinear" | "nearest"), padding_mode ("zeros" | "border") and
+  align_corners (see the module docstring), but channels-last.
+  Differentiable with respect to both `image` and `grid`.
+  """
+  _check_options(mode, padding_mode)
+  _check_shapes(image, grid)
+  n, h, w, c = image.shape
+  _, ho, wo, _ = grid.shape
+  dtype = jnp.result_type(image.dtype, grid.dtype)
+  image = image.astype(dtype)
+  grid = grid.astype(dtype)
+  px = _unnormalize(grid[..., 0], w, align_corners)
+  py = _unnormalize(grid[..., 1], h, align_corners)
+  if padding_mode == "border":
+    px, py = _clip_border(px, w), _clip_border(py, h)
+  rows = image.reshape(n * h * w, c)
+  batch_offset = (jnp.arange(n, dtype=jnp.int32) * (h * w))[:, None, None]
+
+  def gather(ix, iy):
+    """Values at integer pixels (ix, iy), 0 outside the image; (N, Ho, Wo, C)."""
+    valid = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
+    flat = batch_offset + jnp.clip(iy, 0, h - 1) * w + jnp.clip(ix, 0, w - 1)
+    vals = rows.at[flat.reshape(-1)].get(mode="promise_in_bounds")
+    return vals.reshape(n, ho, wo, c) * valid[..., None].astype(dtype)
+
+  if mode == "nearest":
+    return gather(jnp.round(px).astype(jnp.int32), jnp.round(py).astype(jnp.int32))
+
+  x0f, y0f = jnp.floor(px), jnp.floor(py)
+  wx1, wy1 = px - x0f, py - y0f
+  wx0, wy0 = 1 - wx1, 1 - wy1
+  x0, y0 = x0f.astype(jnp.int32), y0f.astype(jnp.int32)
+  x1, y1 = x0 + 1, y0 + 1
+  out = (gather(x0, y0) * (wx0 * wy0)[..., None] + gather(x1, y0) * (wx1 * wy0)[..., None]
+         + gather(x0, y1) * (wx0 * wy1)[..., None] + gather(x1, y1) * (wx1 * wy1)[..., None])
+  return out
+
+
+def identity_grid(height: int, width: int, *, align_corners: bool = False,
+                  dtype=jnp.float32):
+  """(height, width, 2) normalised (x, y) of every pixel centre: grid_sample's no-op grid."""
+  xs = _normalize(jnp.arange(width, dtype=dtype), width, align_corners)
+  ys = _normalize(jnp.arange(height, dtype=dtype), height, align_corners)
+  gx, gy = jnp.meshgrid(xs, ys, indexing="xy")
+  return jnp.stack([gx, gy], axis=-1).astype(dtype)
+
+
+def _check_flow(flow, name: str):
+  if flow.ndim != 4 or flow.shape[-1] != 2:
+    raise ValueError(f"{name}: flow must be (N, H, W, 2) pixel offsets (dx, dy), got {flow.shape}")
+
+
+def flow_to_grid(flow, *, align_corners: bool = False):
+  """Backward pixel flow (N, H, W, 2) -> normalised sampling grid for `grid_sample`.
+
+  Pixel units are those of the flow's own H x W. With align_corners=False the
+  grid may sample an image of any other size at the corresponding points.
+  """
+  _check_flow(flow, "flow_to_grid")
+  _, h, w, _ = flow.shape
+  dtype = flow.dtype if jnp.issubdtype(flow.dtype, jnp.floating) else jnp.float32
+  flow = flow.astype(dtype)
+  base = jnp.stack(jnp.meshgrid(jnp.arange(w, dtype=dtype), jnp.arange(h, dtype=dtype),
+                                indexing="xy"), axis=-1)
+  pos = base + flow
+  return jnp.stack([_normalize(pos[..., 0], w, align_corners),
+                    _normalize(pos[..., 1], h, align_corners)], axis=-1)
+
+
+def grid_to_flow(grid, *, align_corners: bool = False):
+  """Inverse of `flow_to_grid`: normalised grid (N, H, W, 2) -> pixel flow (dx, dy)."""
+  _check_flow(grid, "grid_to_flow")
+  _, h, w, _ = grid.shape
+  px = _unnormalize(grid[..., 0], w, align_corners)
+  py = _unnormalize(grid[..., 1], h, align_corners)
+  xs = jnp.arange(w, dtype=grid.dtype)[None, None, :]
+  ys = jnp.arange(h, dtype=grid.dtype)[None, :, None]
+  return jnp.stack([px - xs, py - ys], axis=-1)
+
+
+def warp(image, flow, *, mode: str = "bilinear", padding_mode: str = "zeros",
+         align_corners: bool = False):
+  """Warps `image` (N, H, W, C) by a backward pixel flow (N, Ho, Wo, 2): out[p] = image[p + flow[p]].
+
+  The output has the flow's spatial size; flow pixels are in the flow's own
+  resolution (see `flow_to_grid`).
+  """
+  grid = flow_to_grid(flow, align_corners=align_corners)
+  return grid_sample(image, grid, mode=mode, padding_mode=padding_mode,
+                     align_corners=align_corners)
+
+
+def compose_flows(f_ab, f_bc, *, align_corners: bool = False):
+  """Composes backward flows: warp(warp(a, f_ab), f_bc) ~= warp(a, compose_flows(f_ab, f_bc)).
+
+  Order: `f_ab` is applied to the image first (it brings frame a to frame b),
+  then `f_bc` (b to c). Since backward flows look up sources, the result is
+  f_bc(q) + f_ab(q + f_bc(q)): f_ab is sampled where f_bc points, with border
+  padding so that flows are extended, not zeroed, outside the frame.
+  Both flows must have the same spatial size.
+  """
+  _check_flow(f_ab, "compose_flows")
+  _check_flow(f_bc, "compose_flows")
+  if f_ab.shape[1:3] != f_bc.shape[1:3]:
+    raise ValueError(f"compose_flows: spatial sizes differ: {f_ab.shape} vs {f_bc.shape}")
+  return f_bc + warp(f_ab, f_bc, padding_mode="border", align_corners=align_corners)
+
+
+def resize_flow(flow, height: int, width: int, *, align_corners: bool = False):
+  """Resizes a pixel flow (N, H, W, 2) to (N, height, width, 2), rescaling its values.
+
+  Positions are resampled bilinearly with the same `align_corners` convention
+  (half-pixel centres by default, like ``jax.image.resize``); dx is scaled by
+  width / W and dy by height / H ((size-1) ratios for align_corners=True), so
+  the resized flow describes the same motion in the new pixel units.
+  """
+  _check_flow(flow, "resize_flow")
+  n, h, w, _ = flow.shape
+  if height < 1 or width < 1:
+    raise ValueError(f"resize_flow: target size must be positive, got {height}x{width}")
+  grid = jnp.broadcast_to(identity_grid(height, width, align_corners=align_corners,
+                                        dtype=flow.dtype), (n, height, width, 2))
+  resized = grid_sample(flow, grid, padding_mode="border", align_corners=align_corners)
+  if align_corners:
+    sx = (width - 1) / (w - 1) if w > 1 else 1.0
+    sy = (height - 1) / (h - 1) if h > 1 else 1.0
+  else:
+    sx, sy = width / w, height / h
+  return resized * jnp.asarray([sx, sy], dtype=resized.dtype)
+
+
+def flow_to_color(flow, *, max_magnitude: float | None = None) -> np.ndarray:
+  """Pixel flow (..., H, W, 2) -> uint8 RGB (..., H, W, 3) for viewing.
+
+  Hue encodes direction (0 deg = +x, red; counter-clockwise in image terms
+  through yellow, green, cyan, blue, magenta), saturation the magnitude
+  relative to `max_magnitude` (default: the largest magnitude present, so the
+  fastest pixel is fully saturated), value is 1: zero motion is white.
+  """
+  flow = np.asarray(flow, dtype=np.float64)
+  if flow.ndim < 3 or flow.shape[-1] != 2:
+    raise ValueError(f"flow_to_color: flow must be (..., H, W, 2), got {flow.shape}")
+  dx, dy = flow[..., 0], flow[..., 1]
+  magnitude = np.hypot(dx, dy)
+  if max_magnitude is None:
+    max_magnitude = float(magnitude.max()) if magnitude.size else 0.0
+  saturation = np.clip(magnitude / max(max_magnitude, 1e-12), 0.0, 1.0)
+  # Image y points down; negate it so the wheel turns the way a viewer expects.
+  hue = (np.arctan2(-dy, dx) / (2 * np.pi)) % 1.0
+  # HSV -> RGB with V = 1: each channel is 1 - S * clamp(distance to its hue sector).
+  k = (np.stack([5.0, 3.0, 1.0], axis=-1) + hue[..., None] * 6) % 6
+  ramp = np.clip(np.minimum(k, 4 - k), 0.0, 1.0)
+  rgb = 1.0 - saturation[..., None] * ramp
+  return np.round(rgb * 255).astype(np.uint8)
