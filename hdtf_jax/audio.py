@@ -58,22 +58,9 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000, *,
   audio stream, media.FFmpegError (a ValueError) when ffmpeg cannot read it.
   """
   path = media.check_input_file(path)
-  if sample_rate <= 0:
-    raise ValueError(f"sample_rate must be positive, got {sample_rate}")
-  downmix = "aresample=out_chlayout=mono:rematrix_maxval=1.0"
-  base = [*media.trim_args(start_s, end_s), "-i", path, "-map", "0:a:0", "-vn"]
-  out = None
-  for resampler in (":resampler=soxr", ""):
-    args = [*base, "-af", f"{downmix},aresample={sample_rate}{resampler}", "-f", "f32le",
-            "pipe:1"]
-    try:
-      out = media.run_ffmpeg(args, path=path, what="decode audio from")
-      break
-    except media.FFmpegError as e:
-      if "matches no streams" in e.stderr:
-        raise ValueError(f"{path!r} has no audio stream") from None
-      if not (resampler and "soxr" in e.stderr.lower()):  # retry only for a binary without soxr
-        raise
+  out = media.run_ffmpeg_audio([*media.trim_args(start_s, end_s), "-i", path],
+                               ["-f", "f32le", "pipe:1"], sample_rate=sample_rate,
+                               channels=1, path=path)
   return np.frombuffer(out, np.float32).copy()
 
 

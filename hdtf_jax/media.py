@@ -111,6 +111,36 @@ def trim_args(start_s: float | None, end_s: float | None) -> list[str]:
   return args
 
 
+_LAYOUTS = {1: "mono", 2: "stereo"}
+
+
+def run_ffmpeg_audio(input_args: Sequence[str], output_args: Sequence[str], *,
+                     sample_rate: int, channels: int = 1, path: PathLike,
+                     what: str = "decode audio from") -> bytes:
+  """Runs ffmpeg on the first audio stream of `path`, mixed and resampled the same way everywhere.
+
+  The mix-down matrix is normalised to unit gain (stereo -> mono is exactly
+  (L + R) / 2, like librosa.to_mono); resampling uses SoX (soxr) when the
+  binary has it, else ffmpeg's own resampler. ValueError if there is no audio.
+  """
+  if channels not in _LAYOUTS:
+    raise ValueError(f"channels must be 1 or 2, got {channels}")
+  if sample_rate <= 0:
+    raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+  mix = f"aresample=out_chlayout={_LAYOUTS[channels]}:rematrix_maxval=1.0"
+  for engine in (":resampler=soxr", ""):
+    args = [*input_args, "-map", "0:a:0", "-vn", "-sn",
+            "-af", f"{mix},aresample={sample_rate}{engine}", *output_args]
+    try:
+      return run_ffmpeg(args, path=path, what=what)
+    except FFmpegError as e:
+      if "matches no streams" in e.stderr:
+        raise ValueError(f"{os.fspath(path)!r} has no audio stream") from None
+      if not (engine and "soxr" in e.stderr.lower()):  # retry only for a binary without soxr
+        raise
+  raise AssertionError("unreachable")
+
+
 # ---------------------------------------------------------------------------
 # Probing.
 
@@ -449,7 +479,7 @@ class VideoWriter:
     """Finishes encoding, muxes audio (this one, else the constructor's), renames into place."""
     if self._closed:
       raise ValueError(f"VideoWriter for {str(self.path)!r} is already closed")
-    if self._proc is None:
+    if self.num_frames == 0:
       self.abort()
       raise ValueError(f"no frames were written to {str(self.path)!r}")
     try:
@@ -496,6 +526,14 @@ class VideoWriter:
       self._err.close()
       self._err = None
 
+  def __del__(self):
+    # A writer dropped without close() must not leave ffmpeg running or temporaries behind.
+    try:
+      if not self._closed:
+        self.abort()
+    except Exception:  # interpreter shutdown: best effort only
+      pass
+
   def __enter__(self) -> "VideoWriter":
     return self
 
@@ -523,21 +561,19 @@ def extract_audio(path: PathLike, out_wav: PathLike, sample_rate: int = 16000,
                   channels: int = 1) -> Path:
   """Writes the first audio stream of `path` (optionally a time range) as 16-bit PCM wav.
 
-  ValueError if the file has no audio stream; written atomically like `write_video`.
+  Mixed and resampled exactly like `hdtf_jax.audio.load_audio` (see
+  `run_ffmpeg_audio`); `channels` is 1 or 2. ValueError if the file has no
+  audio stream; written atomically like `write_video`.
   """
   path = check_input_file(path)
   out_wav = Path(out_wav)
   out_wav.parent.mkdir(parents=True, exist_ok=True)
   tmp = _temp_sibling(out_wav, "wav")
   try:
-    run_ffmpeg(["-y", *trim_args(start_s, end_s), "-i", path, "-map", "0:a:0", "-vn",
-                "-ac", str(channels), "-ar", str(sample_rate), "-c:a", "pcm_s16le",
-                "-f", "wav", str(tmp)], path=path, what="extract audio from")
+    run_ffmpeg_audio(["-y", *trim_args(start_s, end_s), "-i", path],
+                     ["-c:a", "pcm_s16le", "-f", "wav", str(tmp)], sample_rate=sample_rate,
+                     channels=channels, path=path, what="extract audio from")
     os.replace(tmp, out_wav)
-  except FFmpegError as e:
-    if "matches no streams" in e.stderr:
-      raise ValueError(f"{path!r} has no audio stream") from None
-    raise
   finally:
     tmp.unlink(missing_ok=True)
   return out_wav
