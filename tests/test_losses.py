@@ -25,12 +25,13 @@ def seqs():
   rng = np.random.default_rng(0)
   t = np.linspace(0, 8, 120)[None, :, None]
   base = np.sin(t * rng.uniform(0.5, 3, (3, 1, 5)) + rng.uniform(0, 6, (3, 1, 5)))
-  return base.astype(np.float32), (0.7 * base + 0.2 * rng.normal(size=base.shape)).astype(np.float32)
+  other = 0.7 * base + 0.2 * rng.normal(size=base.shape)
+  return base.astype(np.float32), other.astype(np.float32)
 
 
 def test_l1_plain_masked_and_lists():
   rng = np.random.default_rng(1)
-  p, t = rng.normal(size=(2, 6, 4)).astype(np.float32), rng.normal(size=(2, 6, 4)).astype(np.float32)
+  p, t = rng.normal(size=(2, 2, 6, 4)).astype(np.float32)
   np.testing.assert_allclose(losses.l1_loss(p, t), np.abs(p - t).mean(), rtol=1e-6)
   frame_mask = np.zeros((2, 6), np.float32)
   frame_mask[:, :3] = 1  # per-frame mask, broadcast over the parameters
@@ -111,7 +112,8 @@ def test_feature_matching_values_and_stop_gradient():
   assert float(losses.feature_matching_loss(real, fake)) == pytest.approx(1.5, rel=1e-6)
   assert float(losses.feature_matching_loss(real, fake, weights=[1, 0, 3])) == pytest.approx(2.0)
   # Two discriminators, nested lists: the terms add up.
-  assert float(losses.feature_matching_loss([real, real[:1]], [fake, fake[:1]])) == pytest.approx(2.0)
+  nested = losses.feature_matching_loss([real, real[:1]], [fake, fake[:1]])
+  assert float(nested) == pytest.approx(2.0)
   g_real, g_fake = jax.grad(losses.feature_matching_loss, argnums=(0, 1))(real, fake)
   assert all(float(jnp.abs(g).sum()) == 0.0 for g in g_real)
   np.testing.assert_allclose(g_fake[2], np.full(real[2].shape, 1 / real[2].size), rtol=1e-6)

@@ -82,10 +82,12 @@ def _loop_edge_widths(image, edges):
       else:
         continue
       left = 1  # pixels c-1, c-2, ... while the intensity keeps moving against the edge
-      while left <= 100 and c - 1 - left >= 0 and sign * (image[r, c - left] - image[r, c - 1 - left]) > 0:
+      while (left <= 100 and c - 1 - left >= 0
+             and sign * (image[r, c - left] - image[r, c - 1 - left]) > 0):
         left += 1
       right = 1
-      while right <= 100 and c + 1 + right < w and sign * (image[r, c + 1 + right] - image[r, c + right]) > 0:
+      while (right <= 100 and c + 1 + right < w
+             and sign * (image[r, c + 1 + right] - image[r, c + right]) > 0):
         right += 1
       out[r, c] = left + right
   return out
@@ -119,7 +121,8 @@ def test_cpbd_closed_form_vertical_edges(profile, expect):
   # One vertical edge in a 64x64 block; the profile rises once, its steepest step unique.
   row = np.concatenate([np.full(30, profile[0]), profile, np.full(34 - len(profile), profile[-1])])
   image = np.tile(row, (64, 1)).astype(np.uint8)
-  widths = metrics.edge_widths(image.astype(float), metrics._vertical_sobel_edges(image.astype(float)))
+  as_float = image.astype(float)
+  widths = metrics.edge_widths(as_float, metrics._vertical_sobel_edges(as_float))
   assert set(np.unique(widths[widths > 0])) == {len(profile) - 1}
   assert metrics.cpbd(image) == expect
   assert metrics.cpbd(image[:, ::-1]) == expect  # falling edges are measured the same way
@@ -153,7 +156,8 @@ def test_landmark_distance_against_loops():
   per_frame = np.array([[np.mean([np.linalg.norm(pred[b, t, n] - gt[b, t, n]) for n in range(10)])
                          for t in range(5)] for b in range(2)])
   np.testing.assert_allclose(metrics.landmark_distance(pred, gt), per_frame.mean(), rtol=1e-5)
-  np.testing.assert_allclose(metrics.landmark_distance(pred, gt, reduce=False), per_frame, rtol=1e-5)
+  np.testing.assert_allclose(metrics.landmark_distance(pred, gt, reduce=False), per_frame,
+                             rtol=1e-5)
   mouth = np.zeros(10)
   mouth[6:] = 1
   mouth_ref = np.linalg.norm(pred[..., 6:, :] - gt[..., 6:, :], axis=-1).mean()
@@ -212,7 +216,8 @@ def test_cca_properties(pose_tracks):
   np.testing.assert_allclose(batch, [_numpy_cca(x, y).mean()] * 2, atol=1e-4)
   mask = np.zeros(300)
   mask[:180] = 1
-  np.testing.assert_allclose(metrics.cca_score(x, y, mask=mask), _numpy_cca(x[:180], y[:180]).mean(),
+  np.testing.assert_allclose(metrics.cca_score(x, y, mask=mask),
+                             _numpy_cca(x[:180], y[:180]).mean(),
                              atol=1e-4)
   # A pose component that never moves adds a zero correlation, not NaN.
   frozen = x.copy()
