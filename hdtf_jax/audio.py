@@ -46,13 +46,16 @@ from hdtf_jax import media
 # Decoding.
 
 def load_audio(path: str | os.PathLike, sample_rate: int = 16000, *,
-               start_s: float | None = None, end_s: float | None = None) -> np.ndarray:
+               start_s: float | None = None, end_s: float | None = None,
+               strict: bool = False) -> np.ndarray:
   """Decodes the first audio stream of any file ffmpeg reads to float32 mono at `sample_rate`.
 
   Uses the ffmpeg binary bundled with imageio-ffmpeg (no system ffmpeg).
   Channels are mixed down with ffmpeg's matrix normalised to unit gain (for
   stereo exactly (L + R) / 2); resampling uses the SoX resampler when the
   binary has it. `start_s`/`end_s` cut a time range (seconds).
+  Damaged input (e.g. a truncated download) decodes as far as possible with a
+  RuntimeWarning, or raises media.FFmpegError when `strict`.
 
   Raises FileNotFoundError for a missing file, ValueError when the file has no
   audio stream, media.FFmpegError (a ValueError) when ffmpeg cannot read it.
@@ -60,7 +63,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000, *,
   path = media.check_input_file(path)
   out = media.run_ffmpeg_audio([*media.trim_args(start_s, end_s), "-i", path],
                                ["-f", "f32le", "pipe:1"], sample_rate=sample_rate,
-                               channels=1, path=path)
+                               channels=1, path=path, strict=strict)
   return np.frombuffer(out, np.float32).copy()
 
 

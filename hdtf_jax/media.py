@@ -26,6 +26,7 @@ import re
 import subprocess
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -71,11 +72,12 @@ def summarize_ffmpeg_error(stderr: str) -> str:
 
 
 def run_ffmpeg(args: Sequence[str], *, path: PathLike, what: str = "process",
-               stdin: bytes | None = None) -> bytes:
+               stdin: bytes | None = None, strict: bool = False) -> bytes:
   """Runs `ffmpeg -hide_banner -v error <args>`; returns stdout.
 
   Raises FFmpegError naming `path` with a one-line summary of ffmpeg's complaint;
-  the full text is kept on the exception's `.stderr`.
+  the full text is kept on the exception's `.stderr`. If ffmpeg succeeds but
+  logged errors (damaged input), warns, or raises when `strict`.
   """
   cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", *map(str, args)]
   proc = subprocess.run(cmd, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -84,7 +86,23 @@ def run_ffmpeg(args: Sequence[str], *, path: PathLike, what: str = "process",
   if proc.returncode != 0:
     raise FFmpegError(f"ffmpeg could not {what} {os.fspath(path)!r}: "
                       f"{summarize_ffmpeg_error(stderr)}", stderr)
+  _check_damage(stderr, path, strict)
   return proc.stdout
+
+
+def _check_damage(stderr: str, path: PathLike, strict: bool) -> None:
+  """ffmpeg logs errors but carries on past damaged data (e.g. a truncated download).
+
+  At `-v error` any output means damage: raise when `strict`, else warn.
+  """
+  if not stderr.strip():
+    return
+  summary = summarize_ffmpeg_error(stderr)
+  if strict:
+    raise FFmpegError(f"ffmpeg found damaged data in {os.fspath(path)!r}: {summary}", stderr)
+  warnings.warn(f"ffmpeg reported errors reading {os.fspath(path)!r} (output may be "
+                f"incomplete; strict=True raises instead): {summary}", RuntimeWarning,
+                stacklevel=4)
 
 
 def check_input_file(path: PathLike) -> str:
@@ -116,12 +134,13 @@ _LAYOUTS = {1: "mono", 2: "stereo"}
 
 def run_ffmpeg_audio(input_args: Sequence[str], output_args: Sequence[str], *,
                      sample_rate: int, channels: int = 1, path: PathLike,
-                     what: str = "decode audio from") -> bytes:
+                     what: str = "decode audio from", strict: bool = False) -> bytes:
   """Runs ffmpeg on the first audio stream of `path`, mixed and resampled the same way everywhere.
 
   The mix-down matrix is normalised to unit gain (stereo -> mono is exactly
   (L + R) / 2, like librosa.to_mono); resampling uses SoX (soxr) when the
   binary has it, else ffmpeg's own resampler. ValueError if there is no audio.
+  `strict` makes damaged input an FFmpegError instead of a RuntimeWarning.
   """
   if channels not in _LAYOUTS:
     raise ValueError(f"channels must be 1 or 2, got {channels}")
@@ -129,10 +148,10 @@ def run_ffmpeg_audio(input_args: Sequence[str], output_args: Sequence[str], *,
     raise ValueError(f"sample_rate must be positive, got {sample_rate}")
   mix = f"aresample=out_chlayout={_LAYOUTS[channels]}:rematrix_maxval=1.0"
   for engine in (":resampler=soxr", ""):
-    args = [*input_args, "-map", "0:a:0", "-vn", "-sn",
+    args = [*(["-xerror"] if strict else []), *input_args, "-map", "0:a:0", "-vn", "-sn",
             "-af", f"{mix},aresample={sample_rate}{engine}", *output_args]
     try:
-      return run_ffmpeg(args, path=path, what=what)
+      return run_ffmpeg(args, path=path, what=what, strict=strict)
     except FFmpegError as e:
       if "matches no streams" in e.stderr:
         raise ValueError(f"{os.fspath(path)!r} has no audio stream") from None
@@ -256,7 +275,8 @@ def _check_crop(crop: Sequence[int], width: int, height: int, path: str) -> tupl
   return x, w, y, h
 
 
-def _decode_plan(path: str, fps, size, start_s, end_s, crop, deinterlace, scale_flags):
+def _decode_plan(path: str, fps, size, start_s, end_s, crop, deinterlace, scale_flags,
+                 strict):
   """The ffmpeg command and output geometry for a decode request."""
   src = probe_video(path, exact_frame_count=False)
   if start_s and src["duration"] is not None and start_s >= src["duration"]:
@@ -276,7 +296,8 @@ def _decode_plan(path: str, fps, size, start_s, end_s, crop, deinterlace, scale_
   if size is not None and size != (height, width):
     height, width = size
     filters.append(f"scale={width}:{height}:flags={scale_flags}")
-  cmd = [*trim_args(start_s, end_s), "-i", path, "-map", "0:v:0", "-an", "-sn"]
+  cmd = [*(["-xerror"] if strict else []), *trim_args(start_s, end_s), "-i", path,
+         "-map", "0:v:0", "-an", "-sn"]
   if filters:
     cmd += ["-vf", ",".join(filters)]
   # Without an fps filter emit every decoded frame once (no duplication for variable-rate input).
@@ -287,23 +308,26 @@ def _decode_plan(path: str, fps, size, start_s, end_s, crop, deinterlace, scale_
   return cmd, info
 
 
-def _stream_frames(path: str, args: list[str], info: dict[str, Any]) -> Iterator[np.ndarray]:
+def _stream_frames(path: str, args: list[str], info: dict[str, Any],
+                   strict: bool) -> Iterator[np.ndarray]:
   frame_bytes = info["height"] * info["width"] * 3
   with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty ffmpeg cannot block on it
     proc = subprocess.Popen([ffmpeg_exe(), "-hide_banner", "-nostdin", "-v", "error", *args],
                             stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
     try:
       while True:
-        buf = proc.stdout.read(frame_bytes)
-        if len(buf) < frame_bytes:
+        buf = bytearray(frame_bytes)  # a fresh writable buffer per frame: callers may edit frames
+        got = proc.stdout.readinto(buf)
+        if got < frame_bytes:
           break
         yield np.frombuffer(buf, np.uint8).reshape(info["height"], info["width"], 3)
       rc = proc.wait()
-      if rc != 0 or buf:
-        err.seek(0)
-        stderr = err.read().decode("utf-8", "replace")
+      err.seek(0)
+      stderr = err.read().decode("utf-8", "replace")
+      if rc != 0 or got:
         reason = summarize_ffmpeg_error(stderr) if rc else "stream ended inside a frame"
         raise FFmpegError(f"ffmpeg could not decode {path!r}: {reason}", stderr)
+      _check_damage(stderr, path, strict)
     finally:
       if proc.poll() is None:  # the consumer stopped early
         proc.kill()
@@ -314,23 +338,24 @@ def _stream_frames(path: str, args: list[str], info: dict[str, Any]) -> Iterator
 def iter_video_frames(path: PathLike, *, fps: float | None = None,
                       size: int | Sequence[int] | None = None, start_s: float | None = None,
                       end_s: float | None = None, crop: Sequence[int] | None = None,
-                      deinterlace: bool = False, scale_flags: str = "bicubic"
-                      ) -> Iterator[np.ndarray]:
+                      deinterlace: bool = False, scale_flags: str = "bicubic",
+                      strict: bool = False) -> Iterator[np.ndarray]:
   """Yields RGB uint8 frames (H, W, 3) one at a time, for videos too long to hold in memory.
 
   Arguments as in `read_video`; bad arguments raise on the first `next()`.
   Closing the generator early stops ffmpeg.
   """
   path = check_input_file(path)
-  args, info = _decode_plan(path, fps, size, start_s, end_s, crop, deinterlace, scale_flags)
-  yield from _stream_frames(path, args, info)
+  args, info = _decode_plan(path, fps, size, start_s, end_s, crop, deinterlace, scale_flags,
+                             strict)
+  yield from _stream_frames(path, args, info, strict)
 
 
 def read_video(path: PathLike, *, fps: float | None = None,
                size: int | Sequence[int] | None = None, start_s: float | None = None,
                end_s: float | None = None, crop: Sequence[int] | None = None,
-               deinterlace: bool = False, scale_flags: str = "bicubic"
-               ) -> tuple[np.ndarray, dict[str, Any]]:
+               deinterlace: bool = False, scale_flags: str = "bicubic",
+               strict: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
   """Decodes a video to RGB frames.
 
   Args:
@@ -344,13 +369,17 @@ def read_video(path: PathLike, *, fps: float | None = None,
       before scaling.
     deinterlace: run the `yadif` filter first.
     scale_flags: swscale algorithm ("bicubic", "area", "lanczos", ...).
+    strict: raise FFmpegError at the first damaged packet. By default ffmpeg
+      decodes past damage (e.g. a truncated download) and a RuntimeWarning
+      names the file.
   Returns:
     frames uint8 (T, H, W, 3) and info: fps, height, width, num_frames,
     start_s, end_s and `source` (the `probe_video` dict, frame count estimated).
   """
   path = check_input_file(path)
-  args, info = _decode_plan(path, fps, size, start_s, end_s, crop, deinterlace, scale_flags)
-  frames = list(_stream_frames(path, args, info))
+  args, info = _decode_plan(path, fps, size, start_s, end_s, crop, deinterlace, scale_flags,
+                             strict)
+  frames = list(_stream_frames(path, args, info, strict))
   out = (np.stack(frames) if frames
          else np.zeros((0, info["height"], info["width"], 3), np.uint8))
   info["num_frames"] = out.shape[0]

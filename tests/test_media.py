@@ -64,6 +64,13 @@ def test_incremental_writer_float_frames_audio_at_close(tmp_path, clip):
   assert sorted(p.name for p in path.parent.iterdir()) == ["incremental.mp4"]  # no temporaries
 
 
+def test_ntsc_rate_round_trip(tmp_path):
+  path = media.write_video(tmp_path / "ntsc.mp4", _pattern(t=6, h=32, w=32), 30000 / 1001)
+  info = media.probe_video(path)
+  assert abs(info["fps"] - 29.97) < 0.01 and info["num_frames"] == 6
+  assert media.probe_video(path, exact_frame_count=False)["num_frames"] == 6
+
+
 def test_trim_fps_crop_scale(clip):
   path, _, _ = clip
   full, _ = media.read_video(path)
@@ -94,6 +101,7 @@ def test_streaming_matches_read_and_stops_early(clip):
   first = [next(gen) for _ in range(3)]
   gen.close()  # kills ffmpeg; must not raise or hang
   np.testing.assert_array_equal(np.stack(first), full[:3])
+  first[0][0, 0] = 0  # frames are writable arrays
   assert sum(1 for _ in media.iter_video_frames(path, end_s=0.2)) == 5
 
 
@@ -186,6 +194,22 @@ def test_clear_errors(tmp_path, clip):
   media.extract_audio(path, sound_only)
   with pytest.raises(ValueError, match="no video stream"):
     media.probe_video(sound_only)
+
+
+def test_truncated_file_warns_or_raises(tmp_path, clip):
+  path, _, _ = clip
+  data = path.read_bytes()
+  cut = tmp_path / "truncated.mp4"
+  cut.write_bytes(data[:len(data) // 2])
+  with pytest.warns(RuntimeWarning, match="truncated.mp4"):
+    frames, _ = media.read_video(cut)
+  assert 0 < frames.shape[0] < T
+  with pytest.raises(media.FFmpegError, match="truncated.mp4"):
+    media.read_video(cut, strict=True)
+  with pytest.warns(RuntimeWarning, match="truncated.mp4"):
+    audio.load_audio(cut)
+  with pytest.raises(media.FFmpegError, match="truncated.mp4"):
+    audio.load_audio(cut, strict=True)
 
 
 def test_summarize_ffmpeg_error():
