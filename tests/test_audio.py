@@ -1,4 +1,4 @@
-"""hdtf_jax.audio against independent references: soundfile, librosa, a NumPy MFCC, known pitches."""
+"""hdtf_jax.audio against independent references: soundfile, librosa, NumPy MFCC, known F0."""
 import math
 from pathlib import Path
 

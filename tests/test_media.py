@@ -1,5 +1,4 @@
-"""hdtf_jax.media: write/read round trips, filters against OpenCV/NumPy, real sample video, atomicity."""
-from pathlib import Path
+"""hdtf_jax.media: round trips, filters vs OpenCV, a real sample video, atomic writes."""
 
 import cv2
 import numpy as np
