@@ -10,6 +10,9 @@ import skimage.transform
 
 from hdtf_jax.nn import vgg
 
+# Keras' TensorFlow backend trips a NumPy 2 deprecation on every call; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 SIZE = 48  # smallest size that keeps relu5_1 at 3x3
 KERAS_LAYERS = ("block1_conv1", "block2_conv1", "block3_conv1", "block4_conv1", "block5_conv1")
 
