@@ -32,10 +32,12 @@ to even (like ``nearbyint``) and has zero gradient with respect to the grid.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 MODES = ("bilinear", "nearest")
 PADDING_MODES = ("zeros", "border")
@@ -64,9 +66,9 @@ def _normalize(p, size: int, align_corners: bool):
 
 
 def _clip_border(p, size: int):
-  """Clamps to [0, size-1] with zero gradient at and beyond the ends (as PyTorch)."""
+  """Clamps to [0, size-1]; also returns the clamp's derivative, 0 at the ends (as PyTorch)."""
   inside = (p > 0) & (p < size - 1)
-  return jnp.where(inside, p, jnp.where(p <= 0, 0.0, size - 1.0).astype(p.dtype))
+  return jnp.where(inside, p, jnp.where(p <= 0, 0, size - 1).astype(p.dtype)), inside
 
 
 def _check_shapes(image, grid):
@@ -79,6 +81,181 @@ def _check_shapes(image, grid):
         f"grid_sample: batch sizes differ: image {image.shape[0]} vs grid {grid.shape[0]}")
 
 
+class _Taps(NamedTuple):
+  """Where P sample points read: K taps each (4 bilinear corners or 1 nearest pixel).
+
+  rows:  (K, P) int32 rows of the image viewed as (N*H*W, C); always in range
+         (clamped), so gathers and scatters need no bounds checks.
+  weights: (K, P) bilinear weights, already 0 for taps outside the image.
+  inside:  (K, P) bool, the tap is inside the image (for the grid gradient).
+  fx, fy:  (P,) fractional parts of the pixel coordinates (bilinear only).
+  dpx, dpy: (P,) d(pixel coordinate)/d(normalised coordinate), 0 where
+         "border" clamps.
+  """
+  rows: jax.Array
+  weights: jax.Array
+  inside: jax.Array
+  fx: jax.Array
+  fy: jax.Array
+  dpx: jax.Array
+  dpy: jax.Array
+
+
+def _taps(points, first: int | jax.Array, hw_out: int, h: int, w: int, mode: str,
+          padding_mode: str, align_corners: bool) -> _Taps:
+  """Taps of P consecutive grid points `points` (P, 2), the first being flat point `first`.
+
+  Points are numbered over the flattened (N, Ho, Wo) grid, so point i belongs
+  to image i // (Ho*Wo). Only P-sized index arithmetic: no C factor.
+  """
+  gx, gy = points[:, 0], points[:, 1]
+  px = _unnormalize(gx, w, align_corners)
+  py = _unnormalize(gy, h, align_corners)
+  dpx = jnp.full_like(px, (w - 1) / 2 if align_corners else w / 2)
+  dpy = jnp.full_like(py, (h - 1) / 2 if align_corners else h / 2)
+  if padding_mode == "border":
+    px, in_x = _clip_border(px, w)
+    py, in_y = _clip_border(py, h)
+    dpx, dpy = jnp.where(in_x, dpx, 0), jnp.where(in_y, dpy, 0)
+  else:
+    # Far-outside points read only zeros anyway; clamping keeps the int32
+    # conversion below safe for huge coordinates without changing any result.
+    px, py = jnp.clip(px, -2, w + 1), jnp.clip(py, -2, h + 1)
+  point = first + lax.iota(jnp.int32, points.shape[0])
+  image_row = (point // hw_out) * (h * w)
+
+  def tap(ix, iy):
+    inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
+    return image_row + jnp.clip(iy, 0, h - 1) * w + jnp.clip(ix, 0, w - 1), inside
+
+  if mode == "nearest":
+    # jnp.round rounds half to even, like PyTorch's nearbyint.
+    row, inside = tap(jnp.round(px).astype(jnp.int32), jnp.round(py).astype(jnp.int32))
+    zero = jnp.zeros_like(px)
+    return _Taps(row[None], inside[None].astype(px.dtype), inside[None], zero, zero, zero,
+                 zero)
+  x0f, y0f = jnp.floor(px), jnp.floor(py)
+  fx, fy = px - x0f, py - y0f
+  x0, y0 = x0f.astype(jnp.int32), y0f.astype(jnp.int32)
+  rows, insides, weights = [], [], []
+  # Corner order: (x0, y0), (x1, y0), (x0, y1), (x1, y1).
+  for dy, wy in ((0, 1 - fy), (1, fy)):
+    for dx, wx in ((0, 1 - fx), (1, fx)):
+      row, inside = tap(x0 + dx, y0 + dy)
+      rows.append(row)
+      insides.append(inside)
+      weights.append(jnp.where(inside, wx * wy, 0))
+  return _Taps(jnp.stack(rows), jnp.stack(weights), jnp.stack(insides), fx, fy, dpx, dpy)
+
+
+def _gather_mix(rows, taps: _Taps):
+  """sum_k weights[k] * rows[taps.rows[k]] -> (P, C): whole C-vectors per gather."""
+  out = None
+  for k in range(taps.rows.shape[0]):
+    term = rows.at[taps.rows[k]].get(mode="promise_in_bounds") * taps.weights[k][:, None]
+    out = term if out is None else out + term
+  return out
+
+
+def _forward(rows, points, hw_out: int, h: int, w: int, mode: str, padding_mode: str,
+             align_corners: bool):
+  """grid_sample on flat views: rows (N*H*W, C), points (N*Ho*Wo, 2) -> (N*Ho*Wo, C)."""
+  def sample(rows, points):
+    taps = _taps(points, 0, hw_out, h, w, mode, padding_mode, align_corners)
+    return _gather_mix(rows, taps)
+
+  if points.shape[0] == 0:
+    return sample(rows, points)
+  # A conditional with two identical branches is a fusion boundary XLA keeps
+  # (its predicate is data, so it cannot fold it away). It keeps the gathers
+  # and the weighted sum in one loop fusion: otherwise a reducing consumer (a
+  # loss) pulls the sum into its own fusion and the four gathers become
+  # full-size temporaries, 5-10x slower. Under vmap it turns into a select of
+  # two identical values, which XLA merges.
+  return lax.cond(points[0, 0] > 0, sample, sample, rows, points)
+
+
+# Elements (points x C) of the cotangent handled per step of the backward
+# loop. Each step's temporaries (4 corners x points x C) then stay in cache
+# instead of being materialised as full-size arrays, which costs page faults
+# and memory traffic several times the useful work (see benchmarks/warp.py).
+_BACKWARD_STEP_ELEMENTS = 16 * 1024
+
+
+def _grid_cotangent(s, taps: _Taps):
+  """d loss / d grid (P, 2) from s[k] = <gout, value at corner k> (0 outside)."""
+  gx = (1 - taps.fy) * (s[1] - s[0]) + taps.fy * (s[3] - s[2])
+  gy = (1 - taps.fx) * (s[2] - s[0]) + taps.fx * (s[3] - s[1])
+  return jnp.stack([gx * taps.dpx, gy * taps.dpy], axis=-1)
+
+
+def _backward(rows, points, gout, hw_out: int, h: int, w: int, mode: str, padding_mode: str,
+              align_corners: bool):
+  """Cotangents of `_forward`: (d rows (N*H*W, C), d points (N*Ho*Wo, 2)).
+
+  One pass over the points in steps: each step scatters weights[k] * gout
+  into the corner rows (the transpose of the gather) and, for bilinear, dots
+  gout with the same corners' values for the grid gradient. The taps are
+  computed once up front: computed inside the loop, XLA would recompute them
+  in every one of the step's dozen fusions.
+  """
+  m, c = gout.shape
+  step = max(1, min(m, _BACKWARD_STEP_ELEMENTS // max(c, 1)))
+  bilinear = mode == "bilinear"
+  all_taps = _taps(points, 0, hw_out, h, w, mode, padding_mode, align_corners)
+
+  def add_points(carry, start, size):
+    d_rows, d_points = carry
+    g = lax.dynamic_slice_in_dim(gout, start, size)
+    taps = _Taps(*(lax.dynamic_slice_in_dim(x, start, size, axis=x.ndim - 1)
+                   for x in all_taps))
+    for k in range(taps.rows.shape[0]):
+      d_rows = d_rows.at[taps.rows[k]].add(g * taps.weights[k][:, None],
+                                           mode="promise_in_bounds")
+    if bilinear:
+      values = jnp.stack([rows.at[taps.rows[k]].get(mode="promise_in_bounds")
+                          for k in range(4)], axis=1)
+      dots = jnp.where(taps.inside.T, jnp.einsum("pkc,pc->pk", values, g), 0)
+      d_points = lax.dynamic_update_slice_in_dim(
+          d_points, _grid_cotangent(dots.T, taps), start, axis=0)
+    return d_rows, d_points
+
+  carry = (jnp.zeros_like(rows), jnp.zeros((m, 2), gout.dtype))
+  full_steps = m // step
+  carry = lax.fori_loop(0, full_steps, lambda i, cr: add_points(cr, i * step, step), carry)
+  if m % step:
+    carry = add_points(carry, full_steps * step, m % step)
+  return carry
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _grid_sample(image, grid, mode, padding_mode, align_corners):
+  return _grid_sample_fwd(image, grid, mode, padding_mode, align_corners)[0]
+
+
+def _flat(image, grid):
+  n, h, w, c = image.shape
+  _, ho, wo, _ = grid.shape
+  return image.reshape(n * h * w, c), grid.reshape(n * ho * wo, 2), ho * wo, h, w
+
+
+def _grid_sample_fwd(image, grid, mode, padding_mode, align_corners):
+  rows, points, hw_out, h, w = _flat(image, grid)
+  out = _forward(rows, points, hw_out, h, w, mode, padding_mode, align_corners)
+  return out.reshape(grid.shape[:3] + image.shape[3:]), (image, grid)
+
+
+def _grid_sample_bwd(mode, padding_mode, align_corners, residuals, gout):
+  image, grid = residuals
+  rows, points, hw_out, h, w = _flat(image, grid)
+  d_rows, d_points = _backward(rows, points, gout.reshape(-1, image.shape[3]), hw_out, h, w,
+                               mode, padding_mode, align_corners)
+  return d_rows.reshape(image.shape), d_points.reshape(grid.shape)
+
+
+_grid_sample.defvjp(_grid_sample_fwd, _grid_sample_bwd)
+
+
 @functools.partial(jax.jit, static_argnames=("mode", "padding_mode", "align_corners"))
 def grid_sample(image, grid, *, mode: str = "bilinear", padding_mode: str = "zeros",
                 align_corners: bool = False):
@@ -87,40 +264,17 @@ def grid_sample(image, grid, *, mode: str = "bilinear", padding_mode: str = "zer
   Same values and gradients as ``torch.nn.functional.grid_sample`` for the
   given mode ("bilinear" | "nearest"), padding_mode ("zeros" | "border") and
   align_corners (see the module docstring), but channels-last.
-  Differentiable with respect to both `image` and `grid`.
+  Differentiable with respect to both `image` and `grid` (a custom VJP: the
+  image gradient is a cache-sized chunked scatter, the grid gradient reuses
+  the forward's four corner taps).
   """
   _check_options(mode, padding_mode)
   _check_shapes(image, grid)
-  n, h, w, c = image.shape
-  _, ho, wo, _ = grid.shape
   dtype = jnp.result_type(image.dtype, grid.dtype)
-  image = image.astype(dtype)
-  grid = grid.astype(dtype)
-  px = _unnormalize(grid[..., 0], w, align_corners)
-  py = _unnormalize(grid[..., 1], h, align_corners)
-  if padding_mode == "border":
-    px, py = _clip_border(px, w), _clip_border(py, h)
-  rows = image.reshape(n * h * w, c)
-  batch_offset = (jnp.arange(n, dtype=jnp.int32) * (h * w))[:, None, None]
-
-  def gather(ix, iy):
-    """Values at integer pixels (ix, iy), 0 outside the image; (N, Ho, Wo, C)."""
-    valid = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
-    flat = batch_offset + jnp.clip(iy, 0, h - 1) * w + jnp.clip(ix, 0, w - 1)
-    vals = rows.at[flat.reshape(-1)].get(mode="promise_in_bounds")
-    return vals.reshape(n, ho, wo, c) * valid[..., None].astype(dtype)
-
-  if mode == "nearest":
-    return gather(jnp.round(px).astype(jnp.int32), jnp.round(py).astype(jnp.int32))
-
-  x0f, y0f = jnp.floor(px), jnp.floor(py)
-  wx1, wy1 = px - x0f, py - y0f
-  wx0, wy0 = 1 - wx1, 1 - wy1
-  x0, y0 = x0f.astype(jnp.int32), y0f.astype(jnp.int32)
-  x1, y1 = x0 + 1, y0 + 1
-  out = (gather(x0, y0) * (wx0 * wy0)[..., None] + gather(x1, y0) * (wx1 * wy0)[..., None]
-         + gather(x0, y1) * (wx0 * wy1)[..., None] + gather(x1, y1) * (wx1 * wy1)[..., None])
-  return out
+  if not jnp.issubdtype(dtype, jnp.floating):
+    dtype = jnp.float32
+  return _grid_sample(image.astype(dtype), grid.astype(dtype), mode, padding_mode,
+                      align_corners)
 
 
 def identity_grid(height: int, width: int, *, align_corners: bool = False,

@@ -161,6 +161,18 @@ def test_bilinear_gradients_match_finite_differences(padding_mode, align_corners
   assert np.abs(fd_grid).max() > 0.1  # the check is not vacuous
 
 
+def test_gradients_when_the_backward_takes_many_steps(monkeypatch):
+  # The backward walks the points in steps of _BACKWARD_STEP_ELEMENTS // C
+  # plus a remainder; make the steps tiny so both paths run on a small case.
+  monkeypatch.setattr(W, "_BACKWARD_STEP_ELEMENTS", 15)  # 5 points per step, 24 points
+  jax.clear_caches()
+  try:
+    _fd_check("zeros", False)
+    _fd_check("border", True)
+  finally:
+    jax.clear_caches()
+
+
 def test_nearest_gradients_match_finite_differences():
   fd_grid = _fd_check("zeros", False, mode="nearest")
   assert np.all(fd_grid == 0)
@@ -202,8 +214,13 @@ def test_jit_and_vmap_compose():
   image = jnp.asarray(rng.normal(size=(3, 1, 8, 8, 2)), jnp.float32)
   grid = jnp.asarray(random_grid(rng, 3, 4, 4)[:, None], jnp.float32)
   batched = jax.jit(jax.vmap(W.grid_sample))(image, grid)
+  loss = lambda im, g: jnp.sum(W.grid_sample(im, g) ** 2)
+  grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(image, grid)
   for k in range(3):
     np.testing.assert_allclose(batched[k], W.grid_sample(image[k], grid[k]), atol=1e-6)
+    single = jax.grad(loss, argnums=(0, 1))(image[k], grid[k])
+    np.testing.assert_allclose(grads[0][k], single[0], atol=1e-5)
+    np.testing.assert_allclose(grads[1][k], single[1], atol=1e-4)
 
 
 @pytest.mark.parametrize("align_corners", [False, True])

@@ -1,0 +1,186 @@
+"""grid_sample speed: hdtf_jax.warp vs a memory copy and PyTorch, same run.
+
+For each shape (N, H, W, C) it times, after warm-up, the median of repeated
+runs of
+  fwd     grid_sample(image, grid) (bilinear, zeros, align_corners=False)
+  fwd+bwd value and gradients w.r.t. image and grid of <grid_sample(...), g>
+and compares with
+  copy    a jitted `x + 0` moving the same number of bytes (read + write,
+          fresh output buffer, like every XLA op): the memory floor
+  torch   torch.nn.functional.grid_sample (NCHW, same settings), when torch
+          is importable, with torch.set_num_threads = JAX's CPU thread count.
+Rounds interleave the contenders so background load hits them alike.
+
+  .venv/bin/python -m benchmarks.warp [--shapes 8x256x256x64,2x512x512x3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import block, print_table, time_fn, write_json  # noqa: E402
+from hdtf_jax import warp  # noqa: E402
+
+DEFAULT_SHAPES = "8x256x256x64,2x512x512x3"
+
+
+def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
+  shapes = []
+  for item in text.split(","):
+    dims = tuple(int(d) for d in item.lower().split("x"))
+    if len(dims) != 4 or min(dims) < 1:
+      raise ValueError(f"--shapes: expected NxHxWxC items, got {item!r}")
+    shapes.append(dims)
+  return shapes
+
+
+def make_inputs(shape, seed: int = 0):
+  """A face-warp-like grid: identity + smooth motion of ~3% of the width + jitter.
+
+  Some points leave the image, as real flows do at the borders.
+  """
+  n, h, w, c = shape
+  rng = np.random.default_rng(seed)
+  image = rng.normal(size=shape).astype(np.float32)
+  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+  amp = 0.03 * w
+  dx = amp * np.sin(3 * np.pi * yy / h)[None] + rng.normal(scale=0.5, size=(n, h, w))
+  dy = amp * np.cos(4 * np.pi * xx / w)[None] + rng.normal(scale=0.5, size=(n, h, w))
+  flow = np.stack([dx, dy], axis=-1).astype(np.float32)
+  grid = np.asarray(warp.flow_to_grid(jnp.asarray(flow)))
+  cotangent = rng.normal(size=shape).astype(np.float32)
+  return image, grid, cotangent
+
+
+def jax_thread_count() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # pragma: no cover - not Linux
+    return os.cpu_count() or 1
+
+
+def interleaved_medians(fns: dict, rounds: int, repeats: int, warmup: int) -> dict:
+  """Median ms of each zero-arg blocking fn; rounds alternate between the fns."""
+  for fn in fns.values():
+    time_fn(fn, warmup=warmup, repeats=1)
+  runs = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      runs[name].append(time_fn(fn, warmup=0, repeats=repeats)["median_ms"])
+  return {name: statistics.median(v) for name, v in runs.items()}
+
+
+def torch_contenders(image, grid, cotangent, threads: int):
+  try:
+    import torch
+  except ImportError:
+    return None, "torch not importable: no PyTorch comparison in this run"
+  torch.set_num_threads(threads)
+  ti = torch.from_numpy(np.ascontiguousarray(image.transpose(0, 3, 1, 2)))
+  tg = torch.from_numpy(np.array(grid))
+  tc = torch.from_numpy(np.ascontiguousarray(cotangent.transpose(0, 3, 1, 2)))
+  sample = lambda a, b: torch.nn.functional.grid_sample(
+      a, b, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+  def fwd():
+    with torch.no_grad():
+      return sample(ti, tg)
+
+  def fwd_bwd():
+    a = ti.detach().requires_grad_(True)
+    b = tg.detach().requires_grad_(True)
+    out = sample(a, b)
+    out.backward(tc)
+    return out, a.grad, b.grad
+
+  note = f"torch {torch.__version__}, torch.set_num_threads({threads})"
+  return (fwd, fwd_bwd), note
+
+
+def bench_shape(shape, rounds: int, repeats: int, warmup: int, threads: int):
+  image, grid, cotangent = make_inputs(shape)
+  ji, jg, jc = jnp.asarray(image), jnp.asarray(grid), jnp.asarray(cotangent)
+  fwd = jax.jit(lambda a, b: warp.grid_sample(a, b))
+  fwd_bwd = jax.jit(jax.value_and_grad(
+      lambda a, b, g: jnp.vdot(warp.grid_sample(a, b), g), argnums=(0, 1)))
+
+  f32 = 4
+  bytes_fwd = (image.size + grid.size + image.size) * f32  # image + grid in, output out
+  # forward's traffic, then cotangent + image + grid in, image and grid gradients out
+  bytes_bwd = bytes_fwd + (cotangent.size + image.size + grid.size * 2 + image.size) * f32
+  copy_src = {kind: jnp.zeros(nbytes // (2 * f32), jnp.float32)
+              for kind, nbytes in (("fwd", bytes_fwd), ("fwd+bwd", bytes_bwd))}
+  copy = jax.jit(lambda x: x + 0)
+
+  contenders = {
+      "jax fwd": lambda: block(fwd(ji, jg)),
+      "jax fwd+bwd": lambda: block(fwd_bwd(ji, jg, jc)),
+      "copy fwd": lambda: block(copy(copy_src["fwd"])),
+      "copy fwd+bwd": lambda: block(copy(copy_src["fwd+bwd"])),
+  }
+  torch_fns, torch_note = torch_contenders(image, grid, cotangent, threads)
+  if torch_fns:
+    contenders["torch fwd"], contenders["torch fwd+bwd"] = torch_fns
+    # Same numbers, or the comparison means nothing.
+    t_out = torch_fns[0]().numpy().transpose(0, 2, 3, 1)
+    max_diff = float(np.abs(np.asarray(fwd(ji, jg)) - t_out).max())
+  else:
+    max_diff = None
+  ms = interleaved_medians(contenders, rounds, repeats, warmup)
+
+  rows = []
+  for kind, nbytes in (("fwd", bytes_fwd), ("fwd+bwd", bytes_bwd)):
+    t = ms[f"jax {kind}"]
+    row = {"shape": "x".join(map(str, shape)), "pass": kind, "jax_ms": t,
+           "GB/s": nbytes / t / 1e6, "copy_ms": ms[f"copy {kind}"],
+           "x_copy": t / ms[f"copy {kind}"]}
+    if torch_fns:
+      row["torch_ms"] = ms[f"torch {kind}"]
+      row["speedup_vs_torch"] = ms[f"torch {kind}"] / t
+    rows.append(row)
+  return rows, torch_note, max_diff
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shapes", default=DEFAULT_SHAPES)
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=3, help="runs per round")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results)")
+  args = parser.parse_args(argv)
+
+  threads = jax_thread_count()
+  print(f"JAX {jax.__version__} on {jax.default_backend()} with {threads} CPU threads; "
+        f"median over {args.rounds} interleaved rounds x {args.repeats} runs")
+  all_rows, notes = [], {}
+  for shape in parse_shapes(args.shapes):
+    rows, torch_note, max_diff = bench_shape(shape, args.rounds, args.repeats, args.warmup,
+                                             threads)
+    all_rows += rows
+    notes["torch"] = torch_note
+    if max_diff is not None:
+      notes[f"max |jax - torch| {rows[0]['shape']}"] = max_diff
+  print(notes["torch"])
+  columns = ["shape", "pass", "jax_ms", "GB/s", "copy_ms", "x_copy"]
+  if "torch_ms" in all_rows[0]:
+    columns += ["torch_ms", "speedup_vs_torch"]
+  print_table(all_rows, columns)
+  for key, value in notes.items():
+    if key != "torch":
+      print(f"{key}: {value:.2e}")
+  write_json("warp", {"rows": all_rows, "notes": notes, "jax_threads": threads,
+                      "rounds": args.rounds, "repeats": args.repeats}, args.out)
+
+
+if __name__ == "__main__":
+  main()
