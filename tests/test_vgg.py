@@ -122,35 +122,24 @@ def test_init_param_tree_matches_vgg19_architecture():
   assert total == 20_024_384  # VGG-19 without the classifier, as Keras reports it
 
 
-def test_torchvision_layout(tmp_path, keras_vgg, astronaut):
-  """OIHW state dict -> our HWIO params, checked against PyTorch's own conv."""
-  torch = pytest.importorskip("torch")
+def test_torchvision_layout(keras_vgg):
+  """A torchvision-layout (OIHW) state dict converts to the same HWIO params and
+  features as the Keras weights it was made from (NumPy arrays: no torch needed)."""
   model, _ = keras_vgg
   sd = {}
   for idx, layer in zip(vgg.TORCHVISION_CONV_INDICES, vgg.CONV_NAMES):
     kernel, bias = model.get_layer(layer).get_weights()
-    sd[f"features.{idx}.weight"] = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
-    sd[f"features.{idx}.bias"] = torch.from_numpy(bias)
-  path = tmp_path / "vgg19-test.pth"
-  torch.save(sd, path)
-  weights = vgg.load_vgg19_params(path)
-  assert weights.preprocess == "imagenet"
-
-  x = torch.from_numpy(np.array(vgg.preprocess_images(astronaut, "imagenet"))).permute(0, 3, 1, 2)
-  ref, conv = [], 0
-  with torch.no_grad():
-    for b, block in enumerate(vgg.VGG19_BLOCKS):
-      if b:
-        x = torch.nn.functional.max_pool2d(x, 2)
-      for i in range(len(block)):
-        idx = vgg.TORCHVISION_CONV_INDICES[conv]
-        x = torch.relu(torch.nn.functional.conv2d(x, sd[f"features.{idx}.weight"],
-                                                  sd[f"features.{idx}.bias"], padding=1))
-        conv += 1
-        if i == 0:
-          ref.append(x.permute(0, 2, 3, 1).numpy())
-  ours = weights.module().apply(weights.variables, astronaut)
-  _assert_features_close(ours, ref)
+    sd[f"features.{idx}.weight"] = kernel.transpose(3, 2, 0, 1).copy()
+    sd[f"features.{idx}.bias"] = bias
+  params = vgg.convert_torchvision_state_dict(sd)
+  for layer in vgg.CONV_NAMES:
+    kernel, bias = model.get_layer(layer).get_weights()
+    np.testing.assert_array_equal(np.asarray(params[layer]["kernel"]), kernel)
+    np.testing.assert_array_equal(np.asarray(params[layer]["bias"]), bias)
+  bare = vgg.convert_torchvision_state_dict({k[len("features."):]: v for k, v in sd.items()})
+  jax.tree.map(np.testing.assert_array_equal, bare, params)
+  with pytest.raises(ValueError, match="lacks"):
+    vgg.convert_torchvision_state_dict({})
 
 
 def test_torch_missing_gives_clear_error(tmp_path, monkeypatch):
