@@ -1,0 +1,1 @@
+"""HDTF TFDS dataset: `hdtf_dataset_builder.Builder` (import it to register `hdtf`)."""
