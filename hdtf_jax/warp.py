@@ -15,11 +15,12 @@ Conventions used throughout hdtf-jax
   ``jax.image.resize``, so resizing and warping agree.
 * Trap (PAPER.md section 4): the authors' released code (like PIRender and
   DINet) normalises grids with ``(size - 1)`` -- the align_corners=True
-  formula -- but calls grid_sample with align_corners=False, which shifts and
-  shrinks every warp by half a pixel per side. Build grids with
+  formula -- but calls grid_sample with align_corners=False. Pixel p is then
+  read at p * S / (S - 1) - 0.5: even a zero flow resamples the picture, a
+  pixel smaller, blended with the padding at the borders. Build grids with
   ``flow_to_grid``/``identity_grid`` using the same ``align_corners`` you pass
   to ``grid_sample`` and the pair is consistent; the tests check that the
-  identity grid reproduces the image exactly.
+  identity grid reproduces the image exactly, and that the mixed pair does not.
 
 Sampling formula (PyTorch's, reproduced exactly): a normalised coordinate g on
 an axis of size S becomes the pixel coordinate ``((g + 1) * S - 1) / 2``
@@ -79,6 +80,8 @@ def _check_shapes(image, grid):
   if grid.shape[0] != image.shape[0]:
     raise ValueError(
         f"grid_sample: batch sizes differ: image {image.shape[0]} vs grid {grid.shape[0]}")
+  if image.shape[1] == 0 or image.shape[2] == 0:
+    raise ValueError(f"grid_sample: image has no pixels to sample, shape {image.shape}")
 
 
 class _Taps(NamedTuple):
@@ -200,6 +203,8 @@ def _backward(rows, points, gout, hw_out: int, h: int, w: int, mode: str, paddin
   in every one of the step's dozen fusions.
   """
   m, c = gout.shape
+  if m == 0:
+    return jnp.zeros_like(rows), jnp.zeros((0, 2), gout.dtype)
   step = max(1, min(m, _BACKWARD_STEP_ELEMENTS // max(c, 1)))
   bilinear = mode == "bilinear"
   all_taps = _taps(points, 0, hw_out, h, w, mode, padding_mode, align_corners)
@@ -263,10 +268,11 @@ def grid_sample(image, grid, *, mode: str = "bilinear", padding_mode: str = "zer
 
   Same values and gradients as ``torch.nn.functional.grid_sample`` for the
   given mode ("bilinear" | "nearest"), padding_mode ("zeros" | "border") and
-  align_corners (see the module docstring), but channels-last.
-  Differentiable with respect to both `image` and `grid` (a custom VJP: the
-  image gradient is a cache-sized chunked scatter, the grid gradient reuses
-  the forward's four corner taps).
+  align_corners (see the module docstring), but channels-last. Computed in
+  the promoted floating dtype of `image` and `grid`.
+  Differentiable with respect to both `image` and `grid` through a custom
+  VJP: the image gradient is a scatter walked in cache-sized steps, and the
+  grid gradient comes from the same four corners in the same pass.
   """
   _check_options(mode, padding_mode)
   _check_shapes(image, grid)
@@ -286,9 +292,9 @@ def identity_grid(height: int, width: int, *, align_corners: bool = False,
   return jnp.stack([gx, gy], axis=-1).astype(dtype)
 
 
-def _check_flow(flow, name: str):
+def _check_flow(flow, name: str, what: str = "flow"):
   if flow.ndim != 4 or flow.shape[-1] != 2:
-    raise ValueError(f"{name}: flow must be (N, H, W, 2) pixel offsets (dx, dy), got {flow.shape}")
+    raise ValueError(f"{name}: {what} must be (N, H, W, 2) with (x, y) last, got {flow.shape}")
 
 
 def flow_to_grid(flow, *, align_corners: bool = False):
@@ -310,7 +316,7 @@ def flow_to_grid(flow, *, align_corners: bool = False):
 
 def grid_to_flow(grid, *, align_corners: bool = False):
   """Inverse of `flow_to_grid`: normalised grid (N, H, W, 2) -> pixel flow (dx, dy)."""
-  _check_flow(grid, "grid_to_flow")
+  _check_flow(grid, "grid_to_flow", "grid")
   _, h, w, _ = grid.shape
   px = _unnormalize(grid[..., 0], w, align_corners)
   py = _unnormalize(grid[..., 1], h, align_corners)
@@ -350,10 +356,11 @@ def compose_flows(f_ab, f_bc, *, align_corners: bool = False):
 def resize_flow(flow, height: int, width: int, *, align_corners: bool = False):
   """Resizes a pixel flow (N, H, W, 2) to (N, height, width, 2), rescaling its values.
 
-  Positions are resampled bilinearly with the same `align_corners` convention
-  (half-pixel centres by default, like ``jax.image.resize``); dx is scaled by
-  width / W and dy by height / H ((size-1) ratios for align_corners=True), so
-  the resized flow describes the same motion in the new pixel units.
+  Values are resampled bilinearly without antialiasing, exactly like
+  ``torch.nn.functional.interpolate(mode="bilinear", align_corners=...)``
+  (half-pixel centres by default); dx is scaled by width / W and dy by
+  height / H ((size-1) ratios for align_corners=True), so the resized flow
+  describes the same motion in the new pixel units.
   """
   _check_flow(flow, "resize_flow")
   n, h, w, _ = flow.shape

@@ -117,6 +117,18 @@ def test_identity_grid_reproduces_image(align_corners):
   np.testing.assert_allclose(grid[0, -1, -1], [edge, edge], atol=1e-7)
 
 
+def test_mixed_conventions_do_not_reproduce_the_image():
+  # The released-code trap: a grid normalised with (size - 1) sampled with
+  # align_corners=False reads pixel p at p * S / (S - 1) - 0.5.
+  image = astronaut(64).astype(np.float32)
+  grid = W.identity_grid(64, 64, align_corners=True)[None]
+  out = np.asarray(W.grid_sample(image, grid, align_corners=False))
+  assert np.abs(out - image).max() > 0.1
+  # Centre column 31 is read at 31 * 64 / 63 - 0.5 = 30.99: the same pixel, nearly.
+  np.testing.assert_allclose(out[0, 31, 31], image[0, 31, 31], atol=0.02)
+  np.testing.assert_allclose(out[0, 0, 0], 0.25 * image[0, 0, 0], atol=1e-5)  # half zeros
+
+
 def test_integer_translation_shifts_real_image():
   image = astronaut(64).astype(np.float32)
   flow = np.zeros((1, 64, 64, 2), np.float32)
@@ -207,6 +219,15 @@ def test_matches_torch_when_available():
     np.testing.assert_allclose(out, tout.detach().numpy().transpose(0, 2, 3, 1), atol=1e-5)
     np.testing.assert_allclose(g_img, ti.grad.numpy().transpose(0, 2, 3, 1), atol=1e-4)
     np.testing.assert_allclose(g_grid, tg.grad.numpy(), atol=1e-4)
+  # resize_flow resamples like F.interpolate(bilinear), then rescales the values.
+  flow = rng.normal(size=(1, 16, 20, 2)).astype(np.float32)
+  for align_corners, (h, w) in itertools.product([False, True], [(32, 48), (8, 10)]):
+    want = torch.nn.functional.interpolate(
+        torch.tensor(flow.transpose(0, 3, 1, 2)), size=(h, w), mode="bilinear",
+        align_corners=align_corners).numpy().transpose(0, 2, 3, 1)
+    scale = ([(w - 1) / 19, (h - 1) / 15] if align_corners else [w / 20, h / 16])
+    got = W.resize_flow(jnp.asarray(flow), h, w, align_corners=align_corners)
+    np.testing.assert_allclose(got, want * np.asarray(scale), atol=1e-4)
 
 
 def test_jit_and_vmap_compose():
@@ -329,3 +350,16 @@ def test_bad_input_raises_clear_errors():
     W.warp(image, jnp.zeros((1, 4, 4, 3)))
   with pytest.raises(ValueError, match="flow_to_color"):
     W.flow_to_color(np.zeros((4, 4, 3)))
+  with pytest.raises(ValueError, match="no pixels"):
+    W.grid_sample(jnp.zeros((1, 0, 4, 1)), grid)
+  with pytest.raises(ValueError, match="grid_to_flow: grid"):
+    W.grid_to_flow(jnp.zeros((1, 4, 4)))
+
+
+def test_empty_grid_gives_empty_output_and_zero_gradient():
+  image = jnp.ones((1, 4, 4, 2))
+  grid = jnp.zeros((1, 0, 3, 2))
+  assert W.grid_sample(image, grid).shape == (1, 0, 3, 2)
+  g_img, g_grid = jax.grad(lambda a, b: W.grid_sample(a, b).sum(), argnums=(0, 1))(image, grid)
+  assert g_img.shape == image.shape and float(jnp.abs(g_img).max()) == 0
+  assert g_grid.shape == grid.shape
