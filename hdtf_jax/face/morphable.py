@@ -35,6 +35,9 @@ Schema of a saved model (.npz, no pickles; `SCHEMA_VERSION` = 1):
     shape_names      (S,)        str
     expression_basis (E, V, 3)   float32, E = M + B: M mouth bases then B eyebrow bases;
                                  coefficient 1 = a strong but plausible expression
+    expression_bounds (E, 2)     float32, [low, high] of each coefficient for fitting (the
+                                 sculpted bases are one-sided blendshapes: [0, 2]; learned
+                                 PCA bases: [-inf, inf])
     mouth_names      (M,)        str
     eyebrow_names    (B,)        str
     triangles        (F, 3)      int32, normals towards the camera in the mean: the corners run
@@ -92,6 +95,7 @@ class MorphableModel:
   regions: Mapping[str, np.ndarray]
   shape_std: np.ndarray | None = None
   shape_names: tuple[str, ...] | None = None
+  expression_bounds: np.ndarray | None = None
   mirror: np.ndarray | None = None
   name: str = "unnamed"
   version: int = SCHEMA_VERSION
@@ -112,6 +116,10 @@ class MorphableModel:
          else tuple(str(n) for n in self.shape_names))
     if self.mirror is not None:
       set_("mirror", np.asarray(self.mirror, np.int32))
+    n_expr = self.expression_basis.shape[0] if self.expression_basis.ndim == 3 else 0
+    set_("expression_bounds",
+         np.tile(np.array([-np.inf, np.inf], np.float32), (n_expr, 1))
+         if self.expression_bounds is None else np.asarray(self.expression_bounds, np.float32))
     validate(self)
 
   @property
@@ -159,6 +167,7 @@ class MorphableModel:
         "mean": self.mean, "shape_basis": self.shape_basis, "shape_std": self.shape_std,
         "shape_names": np.asarray(self.shape_names, dtype=str).reshape(-1),
         "expression_basis": self.expression_basis,
+        "expression_bounds": self.expression_bounds,
         "mouth_names": np.asarray(self.mouth_names, dtype=str).reshape(-1),
         "eyebrow_names": np.asarray(self.eyebrow_names, dtype=str).reshape(-1),
         "triangles": self.triangles,
@@ -193,6 +202,9 @@ def validate(model: MorphableModel, source: str = "model") -> None:
   if e != len(model.mouth_names) + len(model.eyebrow_names):
     fail(f"'expression_basis' has {e} bases but mouth_names + eyebrow_names name "
          f"{len(model.mouth_names)} + {len(model.eyebrow_names)}")
+  b = model.expression_bounds
+  if b.shape != (e, 2) or np.isnan(b).any() or np.any(b[:, 0] > 0) or np.any(b[:, 1] < 0):
+    fail(f"'expression_bounds' must be ({e}, 2) [low <= 0 <= high] rows, got {b.shape}")
   if model.shape_std.shape != (s,) or not np.all(model.shape_std > 0):
     fail(f"'shape_std' must be ({s},) and positive, got {model.shape_std.shape}")
   if len(model.shape_names) != s:
@@ -248,6 +260,7 @@ def load(path: str | os.PathLike) -> MorphableModel:
         expression_basis=arrays["expression_basis"],
         mouth_names=names("mouth_names"), eyebrow_names=names("eyebrow_names"),
         triangles=arrays["triangles"], regions=regions, shape_std=arrays.get("shape_std"),
+        expression_bounds=arrays.get("expression_bounds"),
         shape_names=names("shape_names"), mirror=arrays.get("mirror"),
         name=str(arrays["name"]), version=version)
   except ValueError as err:
@@ -277,7 +290,7 @@ def vertices(model: MorphableModel, shape, mouth, eyebrow) -> jnp.ndarray:
 
   Leading axes broadcast (e.g. one shape (S,) with per-frame mouth (T, M)).
   """
-  expression = jnp.concatenate(jnp.broadcast_arrays(*_match_batch(mouth, eyebrow)), axis=-1)
+  expression = jnp.concatenate(_match_batch(mouth, eyebrow), axis=-1)
   out = (jnp.asarray(model.mean)
          + jnp.einsum("...s,svc->...vc", jnp.asarray(shape), jnp.asarray(model.shape_basis))
          + jnp.einsum("...e,evc->...vc", expression, jnp.asarray(model.expression_basis)))
@@ -367,9 +380,11 @@ def convert_external_model(mean, shape_basis, expression_basis=None, *, correspo
   new_mean = scale * m @ rot.T + offset
   new_shape = transform_basis(shape_basis)
   std = np.ones(shape_basis.shape[0]) if shape_std is None else np.asarray(shape_std, np.float64)
+  bounds = None
   if expression_basis is None:
     expr, mouth, brow = (template.expression_basis, template.mouth_names,
                          template.eyebrow_names)
+    bounds = template.expression_bounds
   else:
     expression_basis = np.asarray(expression_basis, np.float64)
     if expression_basis.ndim != 3 or expression_basis.shape[1:] != (n, 3):
@@ -381,7 +396,7 @@ def convert_external_model(mean, shape_basis, expression_basis=None, *, correspo
     expr, mouth, brow = transform_basis(expression_basis), mouth_names, eyebrow_names
   return MorphableModel(
       mean=new_mean, shape_basis=new_shape, shape_std=std, expression_basis=expr,
-      mouth_names=tuple(mouth), eyebrow_names=tuple(brow), triangles=template.triangles,
+      expression_bounds=bounds, mouth_names=tuple(mouth), eyebrow_names=tuple(brow), triangles=template.triangles,
       regions=template.regions, mirror=template.mirror, name=name)
 
 

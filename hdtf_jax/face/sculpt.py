@@ -49,6 +49,7 @@ from hdtf_jax.face.morphable import EYEBROW_NAMES, MOUTH_NAMES, MorphableModel
 
 FLIP = np.diag([-1.0, 1.0, 1.0])
 N_SHAPE = 60
+EXPRESSION_MAX = 2.0  # sculpted bases are one-sided blendshapes: coefficients in [0, 2]
 
 
 # ----------------------------------------------------------------------------- detections
@@ -641,7 +642,8 @@ def shape_candidates(anat: Anatomy, mean) -> tuple[list[str], list[np.ndarray], 
       "lip_thickness": vec(0, mouth * (y - anat.lip_centre[1]), 0),
       "cheekbone_width": vec(np.sign(x) * cheeks, 0, 0), "brow_ridge": vec(0, 0, -brows),
   }
-  names, fields, std = list(named), list(named.values()), [1.0] * len(named)
+  # Prior standard deviations: a typical face differs from the mean by ~0.06 IOD per vertex.
+  names, fields, std = list(named), list(named.values()), [0.25] * len(named)
   s = 1.0 / np.abs(mean).max()
   u = mean * s
   for degree in range(1, 5):
@@ -654,7 +656,7 @@ def shape_candidates(anat: Anatomy, mean) -> tuple[list[str], list[np.ndarray], 
           f[:, k] = mono
           names.append(f"poly_x{a}y{b}z{c}_d{axis}")
           fields.append(f)
-          std.append(0.5 if degree <= 2 else 0.25)
+          std.append(0.12 if degree <= 2 else 0.06)
   return names, fields, std
 
 
@@ -706,7 +708,8 @@ def build_model(det: dict | None = None, name: str = "hdtf-jax default (sculpted
   return MorphableModel(
       mean=mean, shape_basis=shape, shape_std=shape_std, shape_names=shape_names,
       expression_basis=expr, mouth_names=MOUTH_NAMES, eyebrow_names=EYEBROW_NAMES,
-      triangles=triangles, regions=regions, mirror=mirror, name=name)
+      expression_bounds=np.tile([0.0, EXPRESSION_MAX], (len(expr), 1)), triangles=triangles,
+      regions=regions, mirror=mirror, name=name)
 
 
 # ----------------------------------------------------------------------------- picture sheet
