@@ -104,12 +104,12 @@ class _Taps(NamedTuple):
   dpy: jax.Array
 
 
-def _taps(points, first: int | jax.Array, hw_out: int, h: int, w: int, mode: str,
-          padding_mode: str, align_corners: bool) -> _Taps:
-  """Taps of P consecutive grid points `points` (P, 2), the first being flat point `first`.
+def _taps(points, hw_out: int, h: int, w: int, mode: str, padding_mode: str,
+          align_corners: bool) -> _Taps:
+  """Taps of the flattened (N*Ho*Wo, 2) grid `points` on N images of H x W.
 
-  Points are numbered over the flattened (N, Ho, Wo) grid, so point i belongs
-  to image i // (Ho*Wo). Only P-sized index arithmetic: no C factor.
+  Point i belongs to image i // (Ho*Wo). Only P-sized index arithmetic: no C
+  factor.
   """
   gx, gy = points[:, 0], points[:, 1]
   px = _unnormalize(gx, w, align_corners)
@@ -124,8 +124,7 @@ def _taps(points, first: int | jax.Array, hw_out: int, h: int, w: int, mode: str
     # Far-outside points read only zeros anyway; clamping keeps the int32
     # conversion below safe for huge coordinates without changing any result.
     px, py = jnp.clip(px, -2, w + 1), jnp.clip(py, -2, h + 1)
-  point = first + lax.iota(jnp.int32, points.shape[0])
-  image_row = (point // hw_out) * (h * w)
+  image_row = (lax.iota(jnp.int32, points.shape[0]) // hw_out) * (h * w)
 
   def tap(ix, iy):
     inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)
@@ -164,7 +163,7 @@ def _forward(rows, points, hw_out: int, h: int, w: int, mode: str, padding_mode:
              align_corners: bool):
   """grid_sample on flat views: rows (N*H*W, C), points (N*Ho*Wo, 2) -> (N*Ho*Wo, C)."""
   def sample(rows, points):
-    taps = _taps(points, 0, hw_out, h, w, mode, padding_mode, align_corners)
+    taps = _taps(points, hw_out, h, w, mode, padding_mode, align_corners)
     return _gather_mix(rows, taps)
 
   if points.shape[0] == 0:
@@ -207,7 +206,7 @@ def _backward(rows, points, gout, hw_out: int, h: int, w: int, mode: str, paddin
     return jnp.zeros_like(rows), jnp.zeros((0, 2), gout.dtype)
   step = max(1, min(m, _BACKWARD_STEP_ELEMENTS // max(c, 1)))
   bilinear = mode == "bilinear"
-  all_taps = _taps(points, 0, hw_out, h, w, mode, padding_mode, align_corners)
+  all_taps = _taps(points, hw_out, h, w, mode, padding_mode, align_corners)
 
   def add_points(carry, start, size):
     d_rows, d_points = carry
@@ -293,36 +292,33 @@ def identity_grid(height: int, width: int, *, align_corners: bool = False,
 
 
 def _check_flow(flow, name: str, what: str = "flow"):
-  if flow.ndim != 4 or flow.shape[-1] != 2:
-    raise ValueError(f"{name}: {what} must be (N, H, W, 2) with (x, y) last, got {flow.shape}")
+  if flow.ndim < 3 or flow.shape[-1] != 2:
+    raise ValueError(f"{name}: {what} must be (..., H, W, 2) with (x, y) last, got {flow.shape}")
 
 
 def flow_to_grid(flow, *, align_corners: bool = False):
-  """Backward pixel flow (N, H, W, 2) -> normalised sampling grid for `grid_sample`.
+  """Backward pixel flow (..., H, W, 2) -> normalised sampling grid for `grid_sample`.
 
   Pixel units are those of the flow's own H x W. With align_corners=False the
   grid may sample an image of any other size at the corresponding points.
   """
   _check_flow(flow, "flow_to_grid")
-  _, h, w, _ = flow.shape
+  h, w = flow.shape[-3:-1]
   dtype = flow.dtype if jnp.issubdtype(flow.dtype, jnp.floating) else jnp.float32
-  flow = flow.astype(dtype)
-  base = jnp.stack(jnp.meshgrid(jnp.arange(w, dtype=dtype), jnp.arange(h, dtype=dtype),
-                                indexing="xy"), axis=-1)
-  pos = base + flow
-  return jnp.stack([_normalize(pos[..., 0], w, align_corners),
-                    _normalize(pos[..., 1], h, align_corners)], axis=-1)
+  pos_x = jnp.arange(w, dtype=dtype) + flow[..., 0].astype(dtype)
+  pos_y = jnp.arange(h, dtype=dtype)[:, None] + flow[..., 1].astype(dtype)
+  return jnp.stack([_normalize(pos_x, w, align_corners), _normalize(pos_y, h, align_corners)],
+                   axis=-1)
 
 
 def grid_to_flow(grid, *, align_corners: bool = False):
-  """Inverse of `flow_to_grid`: normalised grid (N, H, W, 2) -> pixel flow (dx, dy)."""
+  """Inverse of `flow_to_grid`: normalised grid (..., H, W, 2) -> pixel flow (dx, dy)."""
   _check_flow(grid, "grid_to_flow", "grid")
-  _, h, w, _ = grid.shape
+  h, w = grid.shape[-3:-1]
   px = _unnormalize(grid[..., 0], w, align_corners)
   py = _unnormalize(grid[..., 1], h, align_corners)
-  xs = jnp.arange(w, dtype=grid.dtype)[None, None, :]
-  ys = jnp.arange(h, dtype=grid.dtype)[None, :, None]
-  return jnp.stack([px - xs, py - ys], axis=-1)
+  return jnp.stack([px - jnp.arange(w, dtype=grid.dtype),
+                    py - jnp.arange(h, dtype=grid.dtype)[:, None]], axis=-1)
 
 
 def warp(image, flow, *, mode: str = "bilinear", padding_mode: str = "zeros",
@@ -337,6 +333,12 @@ def warp(image, flow, *, mode: str = "bilinear", padding_mode: str = "zeros",
                      align_corners=align_corners)
 
 
+def _as_batch(flow):
+  """(..., H, W, 2) -> (N, H, W, 2) and a function restoring the leading dims."""
+  lead = flow.shape[:-3]
+  return flow.reshape((-1,) + flow.shape[-3:]), lambda x: x.reshape(lead + x.shape[1:])
+
+
 def compose_flows(f_ab, f_bc, *, align_corners: bool = False):
   """Composes backward flows: warp(warp(a, f_ab), f_bc) ~= warp(a, compose_flows(f_ab, f_bc)).
 
@@ -344,17 +346,18 @@ def compose_flows(f_ab, f_bc, *, align_corners: bool = False):
   then `f_bc` (b to c). Since backward flows look up sources, the result is
   f_bc(q) + f_ab(q + f_bc(q)): f_ab is sampled where f_bc points, with border
   padding so that flows are extended, not zeroed, outside the frame.
-  Both flows must have the same spatial size.
+  Both flows are (..., H, W, 2) of the same shape.
   """
   _check_flow(f_ab, "compose_flows")
   _check_flow(f_bc, "compose_flows")
-  if f_ab.shape[1:3] != f_bc.shape[1:3]:
-    raise ValueError(f"compose_flows: spatial sizes differ: {f_ab.shape} vs {f_bc.shape}")
-  return f_bc + warp(f_ab, f_bc, padding_mode="border", align_corners=align_corners)
+  if f_ab.shape != f_bc.shape:
+    raise ValueError(f"compose_flows: shapes differ: {f_ab.shape} vs {f_bc.shape}")
+  (f_ab, _), (f_bc, restore) = _as_batch(f_ab), _as_batch(f_bc)
+  return restore(f_bc + warp(f_ab, f_bc, padding_mode="border", align_corners=align_corners))
 
 
 def resize_flow(flow, height: int, width: int, *, align_corners: bool = False):
-  """Resizes a pixel flow (N, H, W, 2) to (N, height, width, 2), rescaling its values.
+  """Resizes a pixel flow (..., H, W, 2) to (..., height, width, 2), rescaling its values.
 
   Values are resampled bilinearly without antialiasing, exactly like
   ``torch.nn.functional.interpolate(mode="bilinear", align_corners=...)``
@@ -363,9 +366,10 @@ def resize_flow(flow, height: int, width: int, *, align_corners: bool = False):
   describes the same motion in the new pixel units.
   """
   _check_flow(flow, "resize_flow")
-  n, h, w, _ = flow.shape
   if height < 1 or width < 1:
     raise ValueError(f"resize_flow: target size must be positive, got {height}x{width}")
+  flow, restore = _as_batch(flow)
+  n, h, w, _ = flow.shape
   grid = jnp.broadcast_to(identity_grid(height, width, align_corners=align_corners,
                                         dtype=flow.dtype), (n, height, width, 2))
   resized = grid_sample(flow, grid, padding_mode="border", align_corners=align_corners)
@@ -374,7 +378,7 @@ def resize_flow(flow, height: int, width: int, *, align_corners: bool = False):
     sy = (height - 1) / (h - 1) if h > 1 else 1.0
   else:
     sx, sy = width / w, height / h
-  return resized * jnp.asarray([sx, sy], dtype=resized.dtype)
+  return restore(resized * jnp.asarray([sx, sy], dtype=resized.dtype))
 
 
 def flow_to_color(flow, *, max_magnitude: float | None = None) -> np.ndarray:

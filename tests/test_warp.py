@@ -260,6 +260,19 @@ def test_flow_grid_round_trip(align_corners):
                              rtol=1e-5)
 
 
+def test_flow_helpers_take_any_leading_dims():
+  rng = np.random.default_rng(9)
+  flow = jnp.asarray(rng.normal(size=(2, 3, 6, 5, 2)), jnp.float32)
+  single = W.flow_to_grid(flow[1, 2])  # (H, W, 2), unbatched
+  np.testing.assert_allclose(single, W.flow_to_grid(flow)[1, 2], atol=1e-6)
+  np.testing.assert_allclose(W.grid_to_flow(single), flow[1, 2], atol=1e-5)
+  resized = W.resize_flow(flow, 12, 10)
+  assert resized.shape == (2, 3, 12, 10, 2)
+  np.testing.assert_allclose(resized[1, 2], W.resize_flow(flow[1, 2][None], 12, 10)[0],
+                             atol=1e-6)
+  assert W.compose_flows(flow, flow).shape == flow.shape
+
+
 def test_compose_with_inverse_translation_is_zero():
   shift = np.zeros((1, 16, 20, 2), np.float32)
   shift[..., 0], shift[..., 1] = 2.5, -1.25
