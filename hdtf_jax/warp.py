@@ -166,21 +166,27 @@ def _forward(rows, points, hw_out: int, h: int, w: int, mode: str, padding_mode:
     taps = _taps(points, hw_out, h, w, mode, padding_mode, align_corners)
     return _gather_mix(rows, taps)
 
+  def sample_on_cpu(rows, points):
+    # A conditional with two identical branches is a fusion boundary XLA:CPU
+    # keeps (its predicate is data, so it cannot fold it away). It keeps the
+    # gathers and the weighted sum in one loop fusion: otherwise a reducing
+    # consumer (a loss) pulls the sum into its own fusion and the four gathers
+    # become full-size temporaries, 5-10x slower. Under vmap it turns into a
+    # select of two identical values, which XLA merges. Accelerators skip it:
+    # there a data-dependent branch would wait for the device.
+    return lax.cond(points[0, 0] > 0, sample, sample, rows, points)
+
   if points.shape[0] == 0:
     return sample(rows, points)
-  # A conditional with two identical branches is a fusion boundary XLA keeps
-  # (its predicate is data, so it cannot fold it away). It keeps the gathers
-  # and the weighted sum in one loop fusion: otherwise a reducing consumer (a
-  # loss) pulls the sum into its own fusion and the four gathers become
-  # full-size temporaries, 5-10x slower. Under vmap it turns into a select of
-  # two identical values, which XLA merges.
-  return lax.cond(points[0, 0] > 0, sample, sample, rows, points)
+  return lax.platform_dependent(rows, points, cpu=sample_on_cpu, default=sample)
 
 
-# Elements (points x C) of the cotangent handled per step of the backward
-# loop. Each step's temporaries (4 corners x points x C) then stay in cache
+# Elements (points x C) of the cotangent handled per step of the backward loop
+# on CPU. Each step's temporaries (4 corners x points x C) then stay in cache
 # instead of being materialised as full-size arrays, which costs page faults
 # and memory traffic several times the useful work (see benchmarks/warp.py).
+# Accelerators take all points in one step: many small steps would be many
+# small kernel launches there.
 _BACKWARD_STEP_ELEMENTS = 16 * 1024
 
 
@@ -204,7 +210,23 @@ def _backward(rows, points, gout, hw_out: int, h: int, w: int, mode: str, paddin
   m, c = gout.shape
   if m == 0:
     return jnp.zeros_like(rows), jnp.zeros((0, 2), gout.dtype)
-  step = max(1, min(m, _BACKWARD_STEP_ELEMENTS // max(c, 1)))
+  cpu_step = max(1, min(m, _BACKWARD_STEP_ELEMENTS // max(c, 1)))
+  in_steps = lambda step, cpu: functools.partial(
+      _backward_in_steps, hw_out=hw_out, h=h, w=w, mode=mode, padding_mode=padding_mode,
+      align_corners=align_corners, step=step, cpu=cpu)
+  return lax.platform_dependent(rows, points, gout, cpu=in_steps(cpu_step, True),
+                                default=in_steps(m, False))
+
+
+def _backward_in_steps(rows, points, gout, *, hw_out: int, h: int, w: int, mode: str,
+                       padding_mode: str, align_corners: bool, step: int, cpu: bool):
+  """`_backward`, walking the points `step` at a time.
+
+  `cpu` picks the dot products' form: XLA:CPU is fastest with a batched
+  matrix product over small cached blocks, other backends with multiply +
+  reduce, which they fuse with the gathers.
+  """
+  m, c = gout.shape
   bilinear = mode == "bilinear"
   all_taps = _taps(points, hw_out, h, w, mode, padding_mode, align_corners)
 
@@ -217,11 +239,14 @@ def _backward(rows, points, gout, hw_out: int, h: int, w: int, mode: str, paddin
       d_rows = d_rows.at[taps.rows[k]].add(g * taps.weights[k][:, None],
                                            mode="promise_in_bounds")
     if bilinear:
-      values = jnp.stack([rows.at[taps.rows[k]].get(mode="promise_in_bounds")
-                          for k in range(4)], axis=1)
-      dots = jnp.where(taps.inside.T, jnp.einsum("pkc,pc->pk", values, g), 0)
+      values = [rows.at[taps.rows[k]].get(mode="promise_in_bounds") for k in range(4)]
+      if cpu:
+        dots = jnp.einsum("pkc,pc->kp", jnp.stack(values, axis=1), g)
+      else:
+        dots = jnp.stack([jnp.sum(v * g, axis=1) for v in values])
+      dots = jnp.where(taps.inside, dots, 0)
       d_points = lax.dynamic_update_slice_in_dim(
-          d_points, _grid_cotangent(dots.T, taps), start, axis=0)
+          d_points, _grid_cotangent(dots, taps), start, axis=0)
     return d_rows, d_points
 
   carry = (jnp.zeros_like(rows), jnp.zeros((m, 2), gout.dtype))

@@ -185,6 +185,22 @@ def test_gradients_when_the_backward_takes_many_steps(monkeypatch):
     jax.clear_caches()
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_accelerator_backward_matches_cpu_backward(mode):
+  # Accelerators run the backward in one step with multiply+reduce dots; only
+  # the CPU variant runs in the tests above, so compare the two here.
+  rng = np.random.default_rng(10)
+  n, h, w, c = 2, 6, 7, 5
+  rows = jnp.asarray(rng.normal(size=(n * h * w, c)), jnp.float32)
+  points = jnp.asarray(random_grid(rng, n, 4, 3).reshape(-1, 2), jnp.float32)
+  gout = jnp.asarray(rng.normal(size=(points.shape[0], c)), jnp.float32)
+  run = lambda step, cpu: W._backward_in_steps(
+      rows, points, gout, hw_out=12, h=h, w=w, mode=mode, padding_mode="zeros",
+      align_corners=False, step=step, cpu=cpu)
+  for got, want in zip(run(points.shape[0], False), run(5, True)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_nearest_gradients_match_finite_differences():
   fd_grid = _fd_check("zeros", False, mode="nearest")
   assert np.all(fd_grid == 0)
