@@ -217,12 +217,16 @@ def test_build_report_and_resume(tmp_path, raw_dir):
   again = build.build_clips(raw_dir, cache, CONFIG, _entries(), num_workers=0, progress=False)
   assert [o.status for o in again.outcomes] == ["cached", "cached", "skipped", "skipped"]
   assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.npz")} == stamps
+  # A corrected annotation (another range) is not taken from the cache.
+  moved = [entry("Face1_0", start=0.1, end=0.6)]
+  redo = build.build_clips(raw_dir, cache, CONFIG, moved, num_workers=0, progress=False)
+  assert redo.outcomes[0].status == "built" and redo.outcomes[0].frames == 13
   # Other settings (params mode: reference frames only): nothing is reused.
   params = clips.ClipConfig(store_frames=False, reference_size=64, reference_frames=3)
   other = build.build_clips(raw_dir, cache, params, _entries()[:1], num_workers=0,
                             progress=False)
   assert other.outcomes[0].status == "built"
-  ex = clips.load_clip(cache / "Face1_0.npz", params.signature())
+  ex = clips.load_clip(cache / "Face1_0.npz", build.clip_signature(params, _entries()[0]))
   assert "frames" not in ex and len(ex["reference_frames"]) == 3
   assert clips.decode_jpeg(ex["reference_frames"][2]).shape == (64, 64, 3)
 

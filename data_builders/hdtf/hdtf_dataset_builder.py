@@ -189,19 +189,20 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     ok = set(result.ok_clips)
     generators = {}
     for split, members in parts.items():
-      chosen = [c.name for c in members if c.name in ok]
+      chosen = [c for c in members if c.name in ok]
       if chosen:  # TFDS cannot write an empty split
-        generators[split] = self._generate_examples(cache_dir, chosen, clip_cfg.signature())
+        generators[split] = self._generate_examples(cache_dir, chosen, clip_cfg)
     if not generators:
       raise RuntimeError(f"no clip of {raw_dir} could be built; see {json_path}")
     return generators
 
-  def _generate_examples(self, cache_dir: Path, names: list[str], signature: str):
+  def _generate_examples(self, cache_dir: Path, entries: list, clip_cfg):
     store_frames = self.builder_config.store_frames
-    for name in names:
-      ex = clips_lib.load_clip(build_lib.clip_path(cache_dir, name), signature)
+    for entry in entries:
+      ex = clips_lib.load_clip(build_lib.clip_path(cache_dir, entry.name),
+                               build_lib.clip_signature(clip_cfg, entry))
       ex.pop("reference_frames" if store_frames else "frames", None)
-      yield name, ex
+      yield entry.name, ex
 
 
 # ----------------------------------------------------------------------------- tf.data access

@@ -7,9 +7,10 @@
   TensorFlow or JAX is safe); `num_workers` <= 1 runs in this process. Default:
   `$HDTF_NUM_WORKERS`, else min(cpu_count, 4).
 - Resumable: a finished clip is `<cache_dir>/<clip>.npz`, written atomically, reused when its
-  settings signature matches (a build killed midway redoes only unfinished clips). A skipped
-  clip leaves `<clip>.skip.json`, reused while its video file is unchanged (same size and
-  mtime), so a fixed or newly downloaded file is retried.
+  signature (settings + the clip's annotation: range, crop row, ratio, resolution) matches, so
+  a build killed midway redoes only unfinished clips. A skipped clip leaves `<clip>.skip.json`,
+  reused while its signature and its video file (size, mtime) are unchanged, so a fixed or
+  newly downloaded file, or a corrected annotation, is retried.
 - Robust: `ClipSkipped` reasons from `hdtf_jax.data.clips`, plus `error` for any other
   exception in a clip (its traceback goes in the report), never stop the build.
 - Progress: an overall bar (clips) and one bar per clip in flight (frames), via tqdm.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
@@ -104,6 +106,13 @@ def clip_path(cache_dir: str | os.PathLike, clip: str) -> Path:
   return Path(cache_dir) / f"{clip}.npz"
 
 
+def clip_signature(config: clips_lib.ClipConfig, entry: ClipEntry) -> str:
+  """What a cached clip must have been made from: the settings and the clip's annotation."""
+  fields = (entry.video, entry.start_s, entry.end_s, entry.resolution, entry.crop_xwyh,
+            entry.crop_ratio)
+  return f"{config.signature()}:{hashlib.sha256(repr(fields).encode()).hexdigest()[:12]}"
+
+
 def _skip_path(cache_dir: Path, clip: str) -> Path:
   return cache_dir / f"{clip}.skip.json"
 
@@ -121,7 +130,7 @@ def _video_stamp(raw_dir: Path, video: str) -> list[int] | None:
 def cached_outcome(entry: ClipEntry, raw_dir: Path, cache_dir: Path,
                    config: clips_lib.ClipConfig) -> Outcome | None:
   """The outcome of an earlier run that may be reused, or None if the clip must be (re)done."""
-  signature = config.signature()
+  signature = clip_signature(config, entry)
   path = clip_path(cache_dir, entry.name)
   if path.is_file():
     try:
@@ -179,7 +188,7 @@ def process_to_cache(entry: ClipEntry, raw_dir: Path, cache_dir: Path,
                      config: clips_lib.ClipConfig, progress=None) -> Outcome:
   """Processes one clip into the cache; every failure becomes a skipped Outcome."""
   t0 = time.perf_counter()
-  signature = config.signature()
+  signature = clip_signature(config, entry)
   try:
     example = clips_lib.process_clip(entry, raw_dir, config, _tools(config), progress)
   except clips_lib.ClipSkipped as e:
