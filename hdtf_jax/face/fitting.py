@@ -13,20 +13,26 @@ the vertices, and recovered in closed form at the end. Per frame the solver sees
 expression coefficients; per clip, scale + S shape coefficients.
 
 1. Start: per frame, the least-squares affine camera from the mean to the landmarks, made a
-   scaled rotation; the clip scale is the median.
-2. Warm-up (alternation): Levenberg-Marquardt on pose + expression of every frame at once (a vmap
-   over frames, accept/reject per frame) with the shape fixed, then the exact linear least
-   squares for (scale, scale * shape) given poses and expressions.
-3. Joint Levenberg-Marquardt over everything: the normal equations have one block per frame
-   plus the shared (scale, shape) block; the frame blocks are eliminated (Schur complement), the
-   shared system is solved, and the frames back-substituted. Bounds: coefficients at a bound
-   whose gradient pushes outward are held (active set), steps are clipped into the bounds.
+   scaled rotation; the clip scale (the median) becomes the working unit.
+2. Warm-up (`warmup_iterations`): Levenberg-Marquardt on the head angles of every frame at once,
+   each frame accepting or rejecting its own step, shape and expressions held at zero (letting
+   expressions move before the shape would let them soak up the identity).
+3. Joint Levenberg-Marquardt (`iterations`) over everything: the normal equations have one
+   block per frame plus the shared (scale, shape) block; the frame blocks are eliminated (Schur
+   complement, one GEMM over all frames), the shared system is solved and the frames are
+   back-substituted. Bounds: coefficients at a bound whose gradient pushes outward are held
+   (active set); steps are clipped into the bounds.
+
+Every term of the normal equations is the inner product of a 3x3 matrix (built from R, dR/dangle
+and the depth weights) with a moment of the stacked bases U = [mean, shape, expression]: the
+basis Gram tensor sum_v U_k U_l^T (precomputed per model) and the observation moments
+sum_v U_k o^T (one GEMM per clip). An iteration therefore never touches the 468 vertices; its cost
+is a few small GEMMs and one 36x36 Cholesky per frame.
 
 Temporal smoothness couples neighbouring frames Jacobi-style: a frame is pulled towards its
 neighbours' estimates of the previous iteration (each iteration warm-starts from the last); the
-accept/reject test uses the exact coupled cost. Normal equations use precomputed basis Gram
-tensors, so an iteration is a few GEMMs over the frames. Frames with `found == False` do not
-enter the fit; their parameters are linearly interpolated and their residual is NaN.
+joint accept/reject test uses the exact coupled cost. Frames with `found == False` do not enter
+the fit; their parameters are linearly interpolated (held at the ends) and their residual is NaN.
 """
 from __future__ import annotations
 
@@ -46,13 +52,13 @@ from hdtf_jax.face.morphable import MorphableModel
 class FitConfig:
   """Iteration counts and weights. Weights are relative to the landmark term, whose residuals
   are pixels divided by `landmark_sigma_px`."""
-  warmup_iterations: int = 3       # per-frame LM iterations of pose + expression, shape fixed
-  iterations: int = 6              # joint LM iterations (all parameters)
+  warmup_iterations: int = 2       # per-frame LM iterations of the head angles alone
+  iterations: int = 10             # joint LM iterations (all parameters)
   landmark_sigma_px: float = 1.0
   z_weight: float = 0.0            # weight of landmark depth (3-column input) relative to x, y
   shape_prior: float = 1.0         # on shape / shape_std
-  mouth_prior: float = 1.0
-  eyebrow_prior: float = 1.0
+  mouth_prior: float = 10.0
+  eyebrow_prior: float = 10.0
   temporal_expression: float = 1.0  # on frame-to-frame expression differences
   temporal_pose: float = 100.0      # on frame-to-frame angle differences (radians)
   damping: float = 1e-3            # initial Levenberg-Marquardt damping (relative to diag)
@@ -252,13 +258,15 @@ def _clip(theta, arrays):
                          -1)
 
 
-def _regularised(h, g, theta, nbr_sum, nbr_count, prior, temporal, arrays):
-  """Adds prior and (Jacobi) temporal terms; holds coefficients at an active bound."""
+def _regularised(h, g, theta, nbr_sum, nbr_count, prior, temporal, arrays, pose_only):
+  """Adds prior and (Jacobi) temporal terms; holds coefficients at an active bound (and all
+  coefficients when `pose_only`)."""
   eye = jnp.eye(h.shape[-1])
   reg = prior + temporal * nbr_count[:, None]                  # (T, F)
   h = h + reg[:, :, None] * eye
   g = g + prior * theta + temporal * (nbr_count[:, None] * theta - nbr_sum)
   free = _free_mask(theta, g, arrays.lower, arrays.upper)
+  free = free * jnp.where(pose_only, jnp.arange(h.shape[-1]) < 3, True).astype(free.dtype)
   h = h * free[:, :, None] * free[:, None, :] + (1.0 - free)[:, :, None] * eye
   return h, g * free, free
 
@@ -273,15 +281,16 @@ def _step(carry, warm, obs_moments, obs_energy, mask, arrays, depth, prior, temp
           shape_prior):
   """One Levenberg-Marquardt iteration. Joint (warm False): the per-frame blocks are eliminated
   (Schur complement) onto (scale, shape), the shared system solved, the frames back-substituted,
-  and the step accepted if the exact total cost falls. Warm-up (warm True): shape and scale
-  stay fixed and every frame accepts or rejects its own step."""
+  and the step accepted if the exact total cost falls. Warm-up (warm True): only the head
+  angles move (expressions would soak up the identity while the shape is still the mean), and
+  every frame accepts or rejects its own step."""
   theta, shape, scale, lam, lam_shared = carry
   nbr_sum, nbr_count = _neighbour_terms(theta, mask)
   m = mask.astype(theta.dtype)
   joint = 1.0 - warm.astype(theta.dtype)
   fr = _frames(theta, shape, scale, obs_moments, obs_energy, arrays, depth)
   h, g, free = _regularised(fr.h_ff, fr.g_f, theta, nbr_sum, nbr_count, prior, temporal,
-                            arrays)
+                            arrays, warm)
   h = _damp(h, lam)
   h_fs = fr.h_fs * free[:, :, None] * (m * joint)[:, None, None]
   g = g * m[:, None]
@@ -400,33 +409,41 @@ def _fit_core(arrays: _Arrays, landmarks, found, config: FitConfig, n_mouth: int
                    residual_px=jnp.where(mask, err, jnp.nan))
 
 
-def fit_clip(model: MorphableModel, landmarks, found=None,
-             config: FitConfig = FitConfig()) -> FitResult:
-  """Fits one clip: landmarks (T, V, 2|3) pixels (x right, y down; z as x's scale if given),
-  found (T,) bool (default: frames without NaN). Returns a FitResult of jnp arrays."""
-  landmarks = jnp.asarray(landmarks, jnp.float32)
+def fit_clip(model: MorphableModel, landmarks, found=None, config: FitConfig = FitConfig(),
+             pad_to: int = 16) -> FitResult:
+  """Fits one clip: landmarks (T, V, 2|3) pixels (x right, y down; z in x's scale if given),
+  found (T,) bool (default: all frames; frames holding NaN count as lost).
+
+  The clip is padded with lost frames up to a multiple of `pad_to`, so clips of similar length
+  share one compilation; the result covers the T input frames. Returns jnp arrays.
+  """
+  landmarks = np.asarray(landmarks, np.float32)
   if landmarks.ndim != 3 or landmarks.shape[1] != model.n_vertices or \
      landmarks.shape[2] not in (2, 3):
     raise ValueError(f"fit_clip: landmarks must be (T, {model.n_vertices}, 2 or 3), got "
                      f"{landmarks.shape}")
   t = landmarks.shape[0]
-  if found is None:
-    found = jnp.ones(t, bool)
-  found = jnp.asarray(found, bool)
+  found = np.ones(t, bool) if found is None else np.asarray(found, bool)
   if found.shape != (t,):
     raise ValueError(f"fit_clip: found must be ({t},), got {found.shape}")
-  usable = np.asarray(found) & np.all(np.isfinite(np.asarray(landmarks)), axis=(1, 2))
-  if not usable.any():
+  if not (found & np.all(np.isfinite(landmarks), axis=(1, 2))).any():
     raise ValueError("fit_clip: no frame has a face (found is all False or landmarks are NaN)")
   use_z = landmarks.shape[2] == 3 and config.z_weight > 0
   if landmarks.shape[2] == 2:
-    landmarks = jnp.concatenate([landmarks, jnp.zeros_like(landmarks[..., :1])], -1)
-  return _fit_core(_prepare(model), landmarks, found, config, model.n_mouth, use_z)
+    landmarks = np.concatenate([landmarks, np.zeros_like(landmarks[..., :1])], -1)
+  padded = -(-t // pad_to) * pad_to
+  landmarks = np.concatenate([landmarks, np.zeros((padded - t,) + landmarks.shape[1:],
+                                                  np.float32)])
+  found = np.concatenate([found, np.zeros(padded - t, bool)])
+  out = _fit_core(_prepare(model), jnp.asarray(landmarks), jnp.asarray(found), config,
+                  model.n_mouth, use_z)
+  return FitResult(out.shape, out.scale, *(x[:t] for x in out[2:]))
 
 
-def fit_image(model: MorphableModel, landmarks, config: FitConfig = FitConfig()) -> FitResult:
-  """Fits a single image's landmarks (V, 2|3): a clip of one frame (T = 1 in the result)."""
-  landmarks = jnp.asarray(landmarks, jnp.float32)
+def fit_image(model: MorphableModel, landmarks, config: FitConfig = FitConfig(),
+              pad_to: int = 16) -> FitResult:
+  """Fits a single image's landmarks (V, 2|3): a one-frame clip (T = 1 in the result)."""
+  landmarks = np.asarray(landmarks, np.float32)
   if landmarks.ndim != 2:
     raise ValueError(f"fit_image: landmarks must be (V, 2 or 3), got {landmarks.shape}")
-  return fit_clip(model, landmarks[None], None, config)
+  return fit_clip(model, landmarks[None], None, config, pad_to)

