@@ -103,6 +103,8 @@ def rasterize(xy, triangles, z=None, *, height: int, width: int, max_candidates:
   xy = jnp.asarray(xy, jnp.float32)
   triangles = jnp.asarray(triangles, jnp.int32)
   num_tri = triangles.shape[0]
+  if height * width >= 1 << 24:
+    raise ValueError(f"rasterize: {height}x{width} is too large (at most 2^24 pixels)")
   if num_tri >= 1 << 23:
     raise ValueError(f"rasterize: {num_tri} triangles leave too few key bits for depth "
                      f"(at most {(1 << 23) - 1})")
@@ -117,15 +119,20 @@ def rasterize(xy, triangles, z=None, *, height: int, width: int, max_candidates:
   # Slot k belongs to the triangle whose [start, end) holds k: mark each start, cumsum.
   slot = jnp.arange(max_candidates, dtype=jnp.int32)
   marks = jnp.zeros(max_candidates + 1, jnp.int32).at[jnp.minimum(start, max_candidates)].add(1)
-  owner = jnp.clip(jnp.cumsum(marks[:max_candidates]) - 1, 0, num_tri - 1)
+  # associative_scan: XLA's CPU cumsum (a reduce-window) is ~4x slower at this length.
+  owner = jnp.clip(jax.lax.associative_scan(jnp.add, marks[:max_candidates]) - 1, 0, num_tri - 1)
   used = slot < jnp.minimum(end[-1], max_candidates)
-  local = slot - start[owner]
-  box_w = jnp.maximum(ncol[owner], 1)
-  col = col0[owner] + local % box_w
-  row = row0[owner] + local // box_w
+  # Slot -> row and column in its box. Float division is exact here (offsets < 2^22) and
+  # several times faster than integer // and % on CPU.
+  local = (slot - start[owner]).astype(jnp.float32)
+  box_w = jnp.maximum(ncol, 1).astype(jnp.float32)[owner]
+  dy = jnp.floor((local + 0.5) / box_w)
+  col = col0.astype(jnp.float32)[owner] + (local - dy * box_w)
+  row = row0.astype(jnp.float32)[owner] + dy
 
+  cc = [v[owner] for v in c]
   sign = jnp.sign(area2)[owner]
-  w = [e * sign for e in _edge_weights([v[owner] for v in c], col, row)]
+  w = [e * sign for e in _edge_weights(cc, col, row)]
   inside = used & (w[0] >= 0) & (w[1] >= 0) & (w[2] >= 0)
   # One scatter-max of a packed int32 key (quantised nearness, then triangle index) does the
   # z-test and the tie-break at once: half the scatters of a float z-buffer plus a second pass.
@@ -136,13 +143,17 @@ def rasterize(xy, triangles, z=None, *, height: int, width: int, max_candidates:
     levels = min((1 << (31 - id_bits)) - 1, (1 << 24) - 1)
     z = jnp.asarray(z, jnp.float32)
     z_lo, z_hi = jnp.min(z), jnp.max(z)
-    zt = z[triangles]
-    zc = [zt[:, k][owner] for k in range(3)]
-    depth = (w[0] * zc[0] + w[1] * zc[1] + w[2] * zc[2]) / jnp.abs(area2[owner])
-    near = (z_hi - depth) / jnp.maximum(z_hi - z_lo, 1e-30)  # 1 = nearest vertex
-    key = key | (jnp.clip(jnp.floor(near * levels), 0, levels).astype(jnp.int32) << id_bits)
+    n = (z_hi - z[triangles]) * (levels / jnp.maximum(z_hi - z_lo, 1e-30))  # levels, 1 = near
+    # Nearness is affine over a triangle: n0 + gx (x - x0) + gy (y - y0), per-triangle planes.
+    x0, y0, x1, y1, x2, y2 = c
+    dn1, dn2 = n[:, 1] - n[:, 0], n[:, 2] - n[:, 0]
+    inv = 1.0 / jnp.where(area2 == 0, 1.0, area2)
+    gx = (dn1 * (y2 - y0) - (y1 - y0) * dn2) * inv
+    gy = ((x1 - x0) * dn2 - dn1 * (x2 - x0)) * inv
+    near = n[:, 0][owner] + gx[owner] * (col - cc[0]) + gy[owner] * (row - cc[1])
+    key = key | (jnp.clip(jnp.floor(near), 0, levels).astype(jnp.int32) << id_bits)
   # Pixel index H*W is a dump slot for candidates that cover nothing.
-  pix = jnp.where(inside, row * width + col, height * width)
+  pix = jnp.where(inside, (row * width + col).astype(jnp.int32), height * width)
   best = jnp.full(height * width + 1, -1, jnp.int32).at[pix].max(jnp.where(inside, key, -1))
   tri = jnp.where(best >= 0, best & ((1 << id_bits) - 1), -1)[:-1].reshape(height, width)
 
