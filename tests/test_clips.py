@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_builders.hdtf.make_dummy_data import face_frames, write_face_video
+from data_builders.hdtf.make_dummy_data import write_face_video
 from hdtf_jax import audio as audio_lib
 from hdtf_jax import media
 from hdtf_jax.data import build, clips

@@ -172,7 +172,8 @@ def test_stage2_pairs(data_dir):
   batch = next(it)
   assert batch["reference"].shape == (2, 128, 128, 3) and batch["driving"].dtype == np.float32
   assert set(batch["ref_params"]) == {"shape", "scale", "mouth", "eyebrow", "pose"}
-  assert batch["drv_params"]["mouth"].shape == (2, 28) and batch["ref_params"]["shape"].shape == (2, 60)
+  assert batch["drv_params"]["mouth"].shape == (2, 28)
+  assert batch["ref_params"]["shape"].shape == (2, 60)
   for b in range(2):
     ex = src[int(batch["clip"][b])]
     r, d = int(batch["ref_index"][b]), int(batch["drv_index"][b])

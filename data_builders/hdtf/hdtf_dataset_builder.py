@@ -170,7 +170,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         supervised_keys=None)
 
   def _cache_dir(self, dl_manager) -> Path:
-    root = os.environ.get("HDTF_CACHE_DIR") or os.fspath(Path(dl_manager.download_dir) / "hdtf_clips")
+    root = (os.environ.get("HDTF_CACHE_DIR")
+            or os.fspath(Path(dl_manager.download_dir) / "hdtf_clips"))
     cfg = self.builder_config
     return Path(root) / f"{cfg.name}-{cfg.clip_config().signature()}"
 

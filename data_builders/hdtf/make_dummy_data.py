@@ -56,7 +56,8 @@ def background(height: int, width: int, seed: int = 0) -> np.ndarray:
   base = np.stack([60 + 80 * xx / width, 90 + 40 * yy / height, 120 - 50 * xx / width], -1)
   for _ in range(6):
     cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(10, 40)
-    base += (rng.uniform(-40, 40, 3) * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))[..., None])
+    blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
+    base += rng.uniform(-40, 40, 3) * blob[..., None]
   return np.clip(base, 0, 255).astype(np.uint8)
 
 
@@ -131,7 +132,8 @@ def write_lists(out: Path) -> None:
   _write(out / "RD_crop_ratio.txt", ["Radio1_0.mp4 1.2", "Radio1_1.mp4 1.2"],
          final_newline=False)
   # WDA: listed 720 but the file is 270 high -> landmark box; a url-only video; a reversed range.
-  _write(out / "WDA_video_url.txt", [f"AstroNaut0 {url}dummyWDA001", f"GhostSpeaker {url}dummyWDA002",
+  _write(out / "WDA_video_url.txt", [f"AstroNaut0 {url}dummyWDA001",
+                                     f"GhostSpeaker {url}dummyWDA002",
                                      f"BadRange {url}dummyWDA003"])
   _write(out / "WDA_resolution.txt", ["AstroNaut0.mp4 720 ", "GhostSpeaker.mp4 720",
                                       "BadRange.mp4 720"])
@@ -140,7 +142,8 @@ def write_lists(out: Path) -> None:
   _write(out / "WDA_crop_wh.txt", [])  # no crop rows at all
   _write(out / "WDA_crop_ratio.txt", ["AstroNaut0_0.mp4 1.3"])
   # WRA: resolution 0, a range past the end, corrupt / silent / faceless / missing files, `../`.
-  _write(out / "WRA_video_url.txt", [f"EileenCollins1 {url}dummyWRA001", f"Corrupt1 {url}dummyWRA002",
+  _write(out / "WRA_video_url.txt", [f"EileenCollins1 {url}dummyWRA001",
+                                     f"Corrupt1 {url}dummyWRA002",
                                      f"Mute1 {url}dummyWRA003", f"Scenery1 {url}dummyWRA004",
                                      f"Missing1 {url}dummyWRA005", f"../Evil1 {url}dummyWRA006"])
   _write(out / "WRA_resolution.txt", ["EileenCollins1.mp4 0", "Corrupt1.mp4 240", "Mute1.mp4 240",
