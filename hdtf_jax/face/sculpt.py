@@ -766,7 +766,7 @@ def draw_sheet(model: MorphableModel, path: str | os.PathLike, shape_gain: float
             f"{name} (+{gain:.2g})")
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=60, bbox_inches="tight")
+  fig.savefig(path, dpi=80, bbox_inches="tight")
   plt.close(fig)
   return path
 
