@@ -218,17 +218,3 @@ def test_command_line_build_resumes_from_cache(data_dir, tmp_path):
   report = json.loads((out / "hdtf" / "params" / "1.0.0" / "build_report.json").read_text())
   assert report["summary"]["clips_reused"] == 4 and report["summary"]["clips_built_now"] == 0
   assert len(tfds.data_source("hdtf/params", split="train", data_dir=str(out))) == 2
-
-
-def test_tfds_build_cli(data_dir, tmp_path):
-  # TFDS 4.9's `tfds` entry point imports apache_beam at start-up (for `convert_format`).
-  pytest.importorskip("apache_beam", reason="the `tfds` CLI of TFDS 4.9 needs apache_beam")
-  env = {**os.environ, "HDTF_CACHE_DIR": str(data_dir / "cache"), "HDTF_NUM_WORKERS": "0",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-  tfds_exe = Path(sys.executable).with_name("tfds")
-  proc = subprocess.run(
-      [str(tfds_exe), "build", str(REPO / "data_builders" / "hdtf"), f"--manual_dir={DUMMY}",
-       f"--data_dir={tmp_path}", "--config=params"], cwd=REPO, env=env, capture_output=True,
-      text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert len(tfds.data_source("hdtf/params", split="test", data_dir=str(tmp_path))) == 2
