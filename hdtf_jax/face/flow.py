@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -63,6 +64,7 @@ class FlowConfig:
   hole_depth: float = 0.3
 
   def __post_init__(self):
+    object.__setattr__(self, "fill_holes", tuple(self.fill_holes))  # hashable: a jit key
     if self.head_transform not in HEAD_TRANSFORMS:
       raise ValueError(f"FlowConfig.head_transform must be one of {HEAD_TRANSFORMS}, "
                        f"got {self.head_transform!r}")
@@ -75,6 +77,7 @@ class FlowConfig:
 class FlowResult(NamedTuple):
   grid: jax.Array       # (H, W, 2) normalised (x, y) in the reference image, per driving pixel.
   masks: dict           # REGIONS -> (H, W) float32 weights; they sum to 1 at every pixel.
+                        # (Just outside the face the flow also blends in the mesh's.)
   overflow: jax.Array   # () bool: the rasteriser's candidate list was too short (raise budget).
 
 
@@ -204,6 +207,7 @@ def approximate_flow(ref_xy, drv_xy, triangles, boundary_ring, drv_z=None, *, he
   drv_xy = jnp.asarray(drv_xy, jnp.float32)
   triangles = jnp.asarray(triangles, jnp.int32)
   boundary_ring = jnp.asarray(boundary_ring, jnp.int32)
+  drv_z = None if drv_z is None else jnp.asarray(drv_z, jnp.float32)
   _check_inputs(ref_xy, drv_xy, triangles, boundary_ring, drv_z)
   cfg = config
 
@@ -291,7 +295,7 @@ def with_hole_centres(xy, z, rings, depth: float):
 
 
 def _as_hw(size, name):
-  hw = (size, size) if isinstance(size, int) else tuple(size)
+  hw = (int(size),) * 2 if isinstance(size, numbers.Integral) else tuple(int(v) for v in size)
   if len(hw) != 2 or min(hw) < 1:
     raise ValueError(f"flow_from_params: {name} must be an int or (height, width), got {size!r}")
   return hw
@@ -334,6 +338,9 @@ def flow_from_params(model, ref_params, drv_params, image_size, flow_size,
     config: FlowConfig (also names the openings to fill, see `FlowConfig.fill_holes`).
   """
   image_hw, flow_hw = _as_hw(image_size, "image_size"), _as_hw(flow_size, "flow_size")
+  if np.shape(ref_params.get("pose")) != (5,):
+    raise ValueError(f"flow_from_params: ref_params['pose'] must be (5,) -- one reference "
+                     f"frame -- got {np.shape(ref_params.get('pose'))}")
   return _flow_from_params(model, ref_params, drv_params, image_hw, flow_hw, config)
 
 
