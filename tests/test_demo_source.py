@@ -132,7 +132,8 @@ def test_mouth_moves_background_stays(demo):
     std = frames.std(0).mean(-1)  # per-pixel std over time
     ring = morphable.default_model().regions["lips"]
     lips = np.stack([_mesh_points(gt, name, t)[ring] for t in range(0, len(frames), 10)])
-    (x0, y0), (x1, y1) = lips.reshape(-1, 2).min(0).astype(int), lips.reshape(-1, 2).max(0).astype(int)
+    (x0, y0), (x1, y1) = (lips.reshape(-1, 2).min(0).astype(int),
+                          lips.reshape(-1, 2).max(0).astype(int))
     moving = std[y0:y1, x0:x1].mean()
     # Outside the animated portrait (face, hair, torso and their surroundings): static.
     px, py = gt[f"{name}/patch_origin"]

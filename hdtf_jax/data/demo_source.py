@@ -1,4 +1,4 @@
-"""The demo source: a small HDTF-like `manual_dir` made from real face photos, deterministic from a seed.
+"""The demo source: a small HDTF-like `manual_dir` from real face photos, deterministic from a seed.
 
     python -m hdtf_jax.data.demo_source --out DIR --seed 0 [--speakers 4 --clips-per-speaker 2
                                                             --seconds 5]
@@ -54,7 +54,7 @@ from hdtf_jax.face import morphable
 
 SPLITS = ("WDA", "WRA")
 URL = "https://www.youtube.com/watch?v="
-GROUND_TRUTH_DOC = """ground_truth.npz: `videos` (N,) names and `clips` (K,) names, then per video V:
+GROUND_TRUTH_DOC = """ground_truth.npz: `videos` (N,) and `clips` (K,) names, then per video V:
   V/speaker str, V/fps (), V/num_frames (), V/patch_origin (2,) x, y of the portrait's top-left in
   the frame, V/shape (60,), V/scale () pixels per model unit, V/mouth (T, 28), V/eyebrow (T, 5),
   V/pose (T, 5) yaw, pitch, roll (radians), tx, ty (raw-frame pixels), V/articulation (T, 3) jaw,
@@ -247,7 +247,8 @@ def make_speaker(index: int, config: DemoConfig, model, landmarker) -> Speaker:
                                    jaw_gain=float(rng.uniform(0.6, 0.9)),
                                    lip_gain=float(rng.uniform(0.4, 0.7)))
   style = {"yaw": rng.uniform(0.04, 0.12), "pitch": rng.uniform(0.02, 0.05),
-           "roll": rng.uniform(0.015, 0.04), "shift": rng.uniform(1.0, 4.0) * config.patch_size / 256,
+           "roll": rng.uniform(0.015, 0.04),
+           "shift": rng.uniform(1.0, 4.0) * config.patch_size / 256,  # pixels
            "sway_hz": rng.uniform(0.15, 0.4), "nod": rng.uniform(0.02, 0.06),
            "brows": rng.uniform(0.3, 0.8)}
   return Speaker(look, image, ref, voice, speaking, {k: float(v) for k, v in style.items()})
@@ -459,89 +460,112 @@ def _url_id(seed: int, name: str) -> str:
   return "".join(alphabet[i] for i in rng.integers(len(alphabet), size=11))
 
 
+def write_raw_video(path: Path, speaker: Speaker, params: dict, wave: np.ndarray,
+                    origin: tuple[int, int], backdrop: np.ndarray, config: DemoConfig,
+                    model) -> np.ndarray:
+  """Renders, composes and encodes one raw video (with its sound); returns the projected
+  mesh's box per frame (T, 4) x0, y0, x1, y1 in frame pixels."""
+  ring = np.asarray(model.regions["inner_lips"])
+  alpha = portrait_alpha(config.patch_size)
+  jaw = list(model.mouth_names).index("jaw_open")
+  boxes, start = [], 0
+  with media.VideoWriter(path, config.fps, audio=wave, audio_rate=config.sample_rate,
+                         crf=config.crf, preset=config.preset) as writer:
+    for portraits, points in render_portraits(speaker, params, config, model):
+      stop = start + portraits.shape[0]
+      shade_mouth(portraits, points, ring,
+                  params["mouth"][start:stop, jaw] - speaker.ref["mouth"][jaw])
+      writer.write(compose(backdrop, portraits, origin, alpha))
+      pts = points + np.asarray(origin, np.float32)
+      boxes.append(np.concatenate([pts.min(1), pts.max(1)], 1))
+      start = stop
+  return np.concatenate(boxes).astype(np.float32)
+
+
+def cut_clips(video: dict, boxes: np.ndarray, pose_px: np.ndarray, scale: float,
+              config: DemoConfig, rng) -> tuple[list[dict], dict]:
+  """The clips of one video (its time ranges) with crop boxes around the face, and their
+  ground-truth entries (see GROUND_TRUTH_DOC)."""
+  clips, truth = [], {}
+  for k, (a, b) in enumerate(video["ranges"]):
+    first = int(math.ceil(a * config.fps))
+    end = min(video["num_frames"], int(math.ceil(b * config.fps)))
+    union = np.concatenate([boxes[first:end, :2].min(0), boxes[first:end, 2:].max(0)])
+    ratio = round(float(rng.uniform(1.3, 1.6)), 1)
+    box = square_box(union, ratio, config.width, config.height)
+    name = f"{video['name']}_{k}"
+    clips.append({"name": name, "video": video["name"], "split": video["split"],
+                  "crop_xwyh": box, "crop_ratio": ratio, "crop_row": True,
+                  "listed_resolution": video["listed_resolution"], "frames": (first, end)})
+    pose = pose_px[first:end].copy()
+    pose[:, 3] = (pose[:, 3] - box[0] + 0.5) / box[1]
+    pose[:, 4] = (pose[:, 4] - box[2] + 0.5) / box[3]
+    truth.update({f"{name}/video": video["name"], f"{name}/frames": np.asarray([first, end]),
+                  f"{name}/crop_xwyh": np.asarray(box), f"{name}/crop_ratio": np.float32(ratio),
+                  f"{name}/pose": pose, f"{name}/scale": np.float32(scale / box[1])})
+  return clips, truth
+
+
+def make_video(out: Path, speaker: Speaker, si: int, vi: int, split: str, listed: int,
+               backdrop: np.ndarray, config: DemoConfig, model) -> tuple[dict, list, dict]:
+  """Video `vi` of speaker `si`: plans, renders and writes it; returns (video, clips, truth)."""
+  seed = (config.seed, si, vi)
+  rng = np.random.default_rng([*seed, 4])
+  name = f"Demo{speaker.look.name}{vi}"
+  whole = max(1, int(round(config.seconds * rng.uniform(0.85, 1.25))))
+  num_frames = int(round((whole + 0.4) * config.fps))  # ranges end on whole seconds, inside
+  params, articulation, track, text = drive(speaker, num_frames, config.fps, seed, model)
+  wave = speech_synth.synthesize(articulation, config.fps, speaker.voice,
+                                 sample_rate=config.sample_rate, seed=[*seed, 5],
+                                 mouth_names=model.mouth_names)
+  # Off-centre: the portrait stands on the bottom edge in the left or right part.
+  room = config.width - config.patch_size
+  left = (si + vi) % 2 == 0
+  x = int(round(room * (rng.uniform(0.05, 0.3) if left else rng.uniform(0.7, 0.95))))
+  origin = (x, config.height - config.patch_size)
+  boxes = write_raw_video(out / f"{name}.mp4", speaker, params, wave, origin, backdrop, config,
+                          model)
+  video = {"name": name, "split": split, "speaker": speaker.look.name,
+           "url_id": _url_id(config.seed, name), "listed_resolution": listed,
+           "ranges": time_ranges(whole, two_clips=(si + vi) % 2 == 1),
+           "num_frames": num_frames, "seconds": num_frames / config.fps}
+  pose_px = params["pose"].copy()
+  pose_px[:, 3:5] += np.asarray(origin, np.float32)
+  truth = {f"{name}/speaker": speaker.look.name, f"{name}/fps": config.fps,
+           f"{name}/num_frames": num_frames, f"{name}/patch_origin": np.asarray(origin),
+           f"{name}/shape": params["shape"], f"{name}/scale": params["scale"][0],
+           f"{name}/mouth": params["mouth"], f"{name}/eyebrow": params["eyebrow"],
+           f"{name}/pose": pose_px, f"{name}/articulation": track, f"{name}/face_box": boxes,
+           f"{name}/text": text}
+  clips, clip_truth = cut_clips(video, boxes, pose_px, float(params["scale"][0]), config, rng)
+  return video, clips, {**truth, **clip_truth}
+
+
 def make_demo_source(out: str | Path, config: DemoConfig = DemoConfig(),
                      progress: bool = False) -> dict[str, Any]:
   """Writes the demo manual_dir into `out` (see the module docstring); returns the summary
-  that is also saved as `demo_source.json`. Existing demo files in `out` are replaced."""
+  that is also saved as `demo_source.json`. Files of the same names are overwritten, other
+  files are left alone."""
   from hdtf_jax.face.landmarks import FaceLandmarker
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
   started = time.perf_counter()
   model = morphable.default_model()
   landmarker = FaceLandmarker()
-  ring = np.asarray(model.regions["inner_lips"])
-  alpha = portrait_alpha(config.patch_size)
-  jaw_col = list(model.mouth_names).index("jaw_open")
   videos, clips, truth = [], [], {}
   for si in range(config.speakers):
     speaker = make_speaker(si, config, model, landmarker)
-    split = SPLITS[si % len(SPLITS)]
     backdrop = background(speaker.look, config, (config.seed, si))
     for vi in range(config.videos_per_speaker):
-      seed = (config.seed, si, vi)
-      rng = np.random.default_rng([*seed, 4])
-      name = f"Demo{speaker.look.name}{vi}"
-      whole = max(1, int(round(config.seconds * rng.uniform(0.85, 1.25))))
-      num_frames = int(round((whole + 0.4) * config.fps))
-      params, articulation, track, text = drive(speaker, num_frames, config.fps, seed, model)
-      wave = speech_synth.synthesize(articulation, config.fps, speaker.voice,
-                                     sample_rate=config.sample_rate, seed=[*seed, 5],
-                                     mouth_names=model.mouth_names)
-      # Off-centre: the portrait stands on the bottom edge in the left or right part.
-      s = config.patch_size
-      room = config.width - s
-      left = (si + vi) % 2 == 0
-      x = int(round(room * (rng.uniform(0.05, 0.3) if left else rng.uniform(0.7, 0.95))))
-      origin = (x, config.height - s)
-      path = out / f"{name}.mp4"
-      boxes = []
-      with media.VideoWriter(path, config.fps, audio=wave, audio_rate=config.sample_rate,
-                             crf=config.crf, preset=config.preset) as writer:
-        start = 0
-        for portraits, points in render_portraits(speaker, params, config, model):
-          stop = start + portraits.shape[0]
-          opening = params["mouth"][start:stop, jaw_col] - speaker.ref["mouth"][jaw_col]
-          shade_mouth(portraits, points, ring, opening)
-          writer.write(compose(backdrop, portraits, origin, alpha))
-          pts = points + np.asarray(origin, np.float32)
-          boxes.append(np.concatenate([pts.min(1), pts.max(1)], 1))
-          start = stop
-      boxes = np.concatenate(boxes)
+      # Quirk: the second video is listed at twice its real height (its boxes scaled to that).
       listed = config.height * (2 if len(videos) == 1 else 1)
-      ranges = time_ranges(whole, two_clips=(si + vi) % 2 == 1)
-      video = {"name": name, "split": split, "speaker": speaker.look.name,
-               "url_id": _url_id(config.seed, name), "listed_resolution": listed,
-               "ranges": ranges, "num_frames": num_frames, "seconds": num_frames / config.fps,
-               "origin": origin}
+      video, video_clips, video_truth = make_video(out, speaker, si, vi, SPLITS[si % 2], listed,
+                                                   backdrop, config, model)
       videos.append(video)
-      pose_px = params["pose"].copy()
-      pose_px[:, 3:5] += np.asarray(origin, np.float32)
-      truth.update({f"{name}/speaker": speaker.look.name, f"{name}/fps": config.fps,
-                    f"{name}/num_frames": num_frames, f"{name}/patch_origin": np.asarray(origin),
-                    f"{name}/shape": params["shape"], f"{name}/scale": params["scale"][0],
-                    f"{name}/mouth": params["mouth"], f"{name}/eyebrow": params["eyebrow"],
-                    f"{name}/pose": pose_px, f"{name}/articulation": track,
-                    f"{name}/face_box": boxes.astype(np.float32), f"{name}/text": text})
-      for k, (a, b) in enumerate(ranges):
-        first, end = int(math.ceil(a * config.fps)), min(num_frames, int(math.ceil(b * config.fps)))
-        union = np.concatenate([boxes[first:end, :2].min(0), boxes[first:end, 2:].max(0)])
-        ratio = round(float(rng.uniform(1.3, 1.6)), 1)
-        box = square_box(union, ratio, config.width, config.height)
-        clip = {"name": f"{name}_{k}", "video": name, "split": split, "crop_xwyh": box,
-                "crop_ratio": ratio, "listed_resolution": listed, "crop_row": True,
-                "frames": (first, end)}
-        clips.append(clip)
-        side = box[1]
-        pose_n = pose_px[first:end].copy()
-        pose_n[:, 3] = (pose_n[:, 3] - box[0] + 0.5) / side
-        pose_n[:, 4] = (pose_n[:, 4] - box[2] + 0.5) / side
-        truth.update({f"{clip['name']}/video": name, f"{clip['name']}/frames": np.asarray([first, end]),
-                      f"{clip['name']}/crop_xwyh": np.asarray(box),
-                      f"{clip['name']}/crop_ratio": np.float32(ratio),
-                      f"{clip['name']}/pose": pose_n, f"{clip['name']}/scale":
-                      np.float32(params["scale"][0] / side)})
+      clips += video_clips
+      truth.update(video_truth)
       if progress:
-        print(f"  {name}: {num_frames} frames, {len(ranges)} clip(s), "
+        print(f"  {video['name']}: {video['num_frames']} frames, {len(video_clips)} clip(s), "
               f"{time.perf_counter() - started:.1f} s", flush=True)
   # Quirk: the first clip of the last video has no crop row (the builder crops by landmarks).
   last = videos[-1]["name"]
