@@ -327,7 +327,8 @@ def template_shift(before, after, centre, half=6, search=40):
   pad = half + search
   a, b = (np.pad(cv2.cvtColor(x, cv2.COLOR_RGB2GRAY), pad, mode="edge") for x in (before, after))
   cx, cy = np.round(centre).astype(int) + pad
-  score = cv2.matchTemplate(b[cy - half - search:cy + half + search, cx - half - search:cx + half + search],
+  r = half + search
+  score = cv2.matchTemplate(b[cy - r:cy + r, cx - r:cx + r],
                             a[cy - half:cy + half, cx - half:cx + half], cv2.TM_CCOEFF_NORMED)
   _, best, _, loc = cv2.minMaxLoc(score)
   return np.array(loc) - search, best

@@ -7,8 +7,9 @@ the centre of pixel (row r, column c) at (c, r). Resizing an image by s maps x t
 Coverage rule: a pixel is covered by a triangle when all three barycentric weights of its
 centre are >= 0 (edges and vertices count as inside; either winding). Degenerate triangles
 (|area| <= `min_area`) cover nothing. Visibility: the covering triangle with the smallest
-interpolated `z` wins (smaller z = nearer the camera, as in `landmarks`); ties, and every pixel when `z` is None,
-go to the highest triangle index, as if triangles were drawn in order ("last writer wins").
+interpolated `z` wins (smaller z = nearer the camera, as in `landmarks` and `morphable`);
+ties, and every pixel when `z` is None, go to the highest triangle index, as if triangles
+were drawn in order ("last writer wins").
 
 How (measured faster than a per-pixel x per-triangle test): every triangle's pixel bounding
 box is enumerated into one flat candidate list of static length `max_candidates` (a
@@ -48,7 +49,7 @@ def _corners(xy, triangles):
 
 def _bbox_pixels(c, height, width):
   """First column and row, and the number of columns and rows of pixel centres inside each
-  triangle's bounding box (F,) each. Pixel centre c lies in [lo, hi] <=> ceil(lo) <= c <= floor(hi)."""
+  triangle's bounding box, (F,) each. Centre c is in [lo, hi] <=> ceil(lo) <= c <= floor(hi)."""
   x0, y0, x1, y1, x2, y2 = c
   def span(lo, hi, size):
     first = jnp.clip(jnp.ceil(lo), 0, size).astype(jnp.int32)
