@@ -54,6 +54,8 @@ def main(argv):
   source, data = work / "source", work / "tfds"
   py = sys.executable
   stages = set(_STAGES.value)
+  if not (REPO / "experiments" / "stage2.py").exists():
+    stages.discard("stage2")  # stage 2 is not part of this checkout yet
 
   if "source" in stages:
     if (source / "WDA_annotion_time.txt").exists() or (source / "WRA_annotion_time.txt").exists():
@@ -74,9 +76,6 @@ def main(argv):
   runs = {}
   for stage, preset in (("stage1", _STAGE1_PRESET.value), ("stage2", _STAGE2_PRESET.value)):
     if stage not in stages:
-      continue
-    if not (REPO / "experiments" / f"{stage}.py").exists():
-      print(f"=== {stage}: experiments/{stage}.py is not part of this checkout, skipped")
       continue
     run_dir = work / stage
     base = [py, "-m", f"experiments.{stage}", f"--config=experiments/configs/{stage}.py:{preset}",
