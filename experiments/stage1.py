@@ -41,6 +41,8 @@ def run(config, workdir: str, mode: str = "train", step: int | None = None) -> d
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and tfds log every save and read at INFO
   mesh_lib.initialize_distributed()
   logging.info("stage 1 %s, preset %s, workdir %s", _MODE.value, _CONFIG.value.preset,
                _WORKDIR.value)

@@ -172,7 +172,8 @@ class TfdsClips:
   def __getitem__(self, i: int) -> dict:
     ex = self.reader[i]
     ta = int(ex["audio_features"].shape[0])
-    up = lambda x: resample_track(np.asarray(x, np.float32), float(ex["fps"]), 100.0, num_frames=ta)
+    up = lambda x: resample_track(np.asarray(x, np.float32), float(ex["fps"]), 100.0,
+                                  num_frames=ta)
     ref = self._p.to_float_image(self._p.decode_jpeg(ex[self._ref_key][0]), self.reference_size)
     return dict(audio=np.asarray(ex["audio_features"], np.float32), mouth=up(ex["mouth"]),
                 eyebrow=up(ex["eyebrow"]), pose=up(ex["pose"]),
@@ -400,9 +401,9 @@ def predict(variables: Mapping, audio_features, identity_input, *,
   vector (60,) or embedding (E,), as `model_config.identity.kind` says (a leading 1 is allowed).
   T <= chunk runs in one call. Longer input runs as windows of `chunk` frames (the training
   window length keeps AdaIN's statistics over time as in training) every `chunk - overlap`
-  frames, the last one aligned to the end, batched `max_batch` at a time (one compiled shape for
-  every length); overlapping outputs are blended with linear ramps of `overlap` frames
-  (default chunk // 5).
+  frames, the last one aligned to the end, batched up to `max_batch` at a time (powers of two:
+  a few compiled shapes for every length); overlapping outputs are blended with linear ramps of
+  `overlap` frames (default chunk // 5).
   """
   overlap = chunk // 5 if overlap is None else overlap
   audio = np.asarray(audio_features, np.float32)
@@ -430,12 +431,14 @@ def predict(variables: Mapping, audio_features, identity_input, *,
   weight = np.minimum(ramp, 1.0).astype(np.float32)[:, None]
   acc = {p: np.zeros((t, getattr(model_config, f"{p}_dim")), np.float32) for p in PARTS}
   norm = np.zeros((t, 1), np.float32)
-  idents = np.repeat(ident, max_batch, axis=0)
-  for g in range(0, len(starts), max_batch):
-    group = starts[g:g + max_batch]
+  # Batches of a power of two <= max_batch: a handful of compiled shapes for any length.
+  batch = min(max_batch, 1 << (len(starts) - 1).bit_length())
+  idents = np.repeat(ident, batch, axis=0)
+  for g in range(0, len(starts), batch):
+    group = starts[g:g + batch]
     windows = np.stack([audio[s:s + chunk] for s in group])
-    if len(group) < max_batch:  # pad to the one compiled batch size
-      windows = np.concatenate([windows, np.repeat(windows[-1:], max_batch - len(group), 0)])
+    if len(group) < batch:  # pad the last batch (repeats are computed and dropped)
+      windows = np.concatenate([windows, np.repeat(windows[-1:], batch - len(group), 0)])
     out = jax.device_get(forward(variables, windows, idents))
     for i, s in enumerate(group):
       for p in PARTS:
