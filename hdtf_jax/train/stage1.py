@@ -530,7 +530,7 @@ class Evaluator:
     self.gt = {p: np.stack([e[TARGET_KEY[p]] for e in examples]) for p in PARTS}
     self.identities = np.array([int(e["identity"]) for e in examples])
     self._forward = _forward(config.model.to_json(), mesh)
-    self._metrics = _window_metrics(config.loss.ssim_c1, config.loss.ssim_c2,
+    self._metrics = _window_metrics(config.eval.ssim_c1, config.eval.ssim_c2,
                                     config.model.to_json() if use_lmd3d else "")
 
   def predictions(self, variables) -> dict[str, np.ndarray]:
