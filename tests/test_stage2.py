@@ -1,0 +1,337 @@
+"""Stage-2 training: synthetic source, F_app on device, the train step (losses, sharding, resume,
+NaN guard), the VGG-weights check, eval table, against independent references (skimage,
+`hdtf_jax.data.clips` coordinates, per-pair `flow_from_params`)."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import skimage.metrics
+
+from experiments.configs import stage2 as configs
+from hdtf_jax import warp
+from hdtf_jax.data import clips, synthetic_video
+from hdtf_jax.train import common, logs, stage2
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("s2cache"))
+
+
+def tiny_config(cache_dir, **train):
+  c = configs.get_config("tiny")
+  c.data.synthetic.cache_dir = cache_dir
+  c.train.fast_compile = True  # smoke runs: compile time dominates
+  c.train.update(**train)
+  return c
+
+
+@pytest.fixture(scope="module")
+def data(cache_dir):
+  return stage2.make_data(tiny_config(cache_dir))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir, data):
+  """A tiny run of 4 steps, checkpoints at 2 and 4; (config, workdir, result)."""
+  workdir = tmp_path_factory.mktemp("s2run")
+  c = tiny_config(cache_dir, num_steps=4, checkpoint_every=2, log_every=1, eval_every=4)
+  data.train_iter.set_state({"index": 0})
+  result = stage2.train(c, workdir, data=data, progress=False)
+  return c, workdir, result
+
+
+def _restore(c, workdir, step=None):
+  return jax.device_get(stage2.restore_state(c, workdir, step=step))
+
+
+# ------------------------------------------------------------------------------ data and F_app
+
+def test_pixel_params_follow_the_dataset_convention():
+  rng = np.random.default_rng(0)
+  params = {"shape": rng.normal(size=60).astype(np.float32), "scale": np.float32(0.23),
+            "mouth": np.zeros(28, np.float32), "eyebrow": np.zeros(5, np.float32),
+            "pose": np.array([0.1, -0.2, 0.05, 0.47, 0.52], np.float32)}
+  for size in (32, 128, 512):
+    px = synthetic_video.to_pixel_params(params, size)
+    np.testing.assert_allclose(px["pose"][3:], clips.to_pixels(params["pose"][3:], size),
+                               rtol=1e-6)
+    np.testing.assert_allclose(px["scale"], params["scale"] * size, rtol=1e-6)
+    np.testing.assert_array_equal(px["pose"][:3], params["pose"][:3])
+
+
+def test_app_flow_is_per_pair_flow_and_identity_without_motion(data):
+  from hdtf_jax.face import flow, morphable
+  model = morphable.default_model()
+  batch = stage2.model_inputs(synthetic_video.stack(data.eval_examples[:3]))
+  size = 16
+  grids, overflow = jax.jit(lambda r, d: stage2.app_flow(model, r, d, size, flow.FlowConfig()))(
+      batch["ref_params"], batch["drv_params"])
+  assert grids.shape == (3, size, size, 2) and not np.asarray(overflow).any()
+  for i in range(3):
+    one = lambda p: synthetic_video.to_pixel_params({k: v[i] for k, v in p.items()}, size)
+    ref = flow.flow_from_params(model, one(batch["ref_params"]), one(batch["drv_params"]), size,
+                                size).grid
+    np.testing.assert_allclose(grids[i], ref, atol=1e-5)
+  same, _ = stage2.app_flow(model, batch["ref_params"], batch["ref_params"], size,
+                            flow.FlowConfig())
+  np.testing.assert_allclose(same, np.broadcast_to(warp.identity_grid(size, size), same.shape),
+                             atol=1e-4)
+
+
+def test_synthetic_pairs_are_deterministic_and_f_app_explains_them(data):
+  it = data.train_iter
+  it.set_state({"index": 5})
+  a = next(it)
+  it.set_state({"index": 5})
+  b = next(it)
+  assert it.get_state() == {"index": 6}
+  for k in ("reference", "driving"):
+    np.testing.assert_array_equal(a[k], b[k])
+  assert a["reference"].shape == (4, 32, 32, 3) and a["reference"].dtype == np.float32
+  assert set(a["ref_params"]) == set(stage2.PARAM_KEYS) and a["drv_params"]["pose"].shape == (4, 5)
+  # Test identities differ from train identities, and F_app carries real information about the
+  # driving frame: on held-out pairs the warp-only baseline beats the unwarped reference.
+  assert not set(e["identity"] for e in data.eval_examples) & {0, 1}
+  truth = np.stack([e["driving"] for e in data.eval_examples])
+  ref = np.stack([e["reference"] for e in data.eval_examples])
+  batch = stage2.model_inputs(synthetic_video.stack(data.eval_examples))
+  from hdtf_jax.face import flow, morphable
+  grids, _ = stage2.app_flow(morphable.default_model(), batch["ref_params"], batch["drv_params"],
+                             8, flow.FlowConfig())
+  warped = np.asarray(stage2.warp_only(jnp.asarray(ref), grids))
+  psnr = lambda p: np.mean([skimage.metrics.peak_signal_noise_ratio(t, x, data_range=1.0)
+                            for t, x in zip(truth, p)])
+  assert psnr(warped) > psnr(ref) + 2.0
+
+
+# ------------------------------------------------------------------------------ perceptual net
+
+def test_missing_vgg_weights_fail_before_training(tmp_path, cache_dir):
+  c = tiny_config(cache_dir)
+  missing = tmp_path / "nowhere" / "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"
+  c.loss.update(vgg_weights=str(missing), vgg_random_init=False)
+
+  class Untouchable:
+    def __getattr__(self, name):
+      raise AssertionError("data was touched before the VGG check")
+
+  with pytest.raises(FileNotFoundError) as e:
+    stage2.train(c, tmp_path / "run", data=Untouchable(), progress=False)
+  assert str(missing) in str(e.value)
+  assert "keras.applications.VGG19" in str(e.value) and "vgg19-dcbb9e9d.pth" in str(e.value)
+  assert not (tmp_path / "run").exists()
+  c.loss.update(vgg_weights="", vgg_random_init=False)
+  with pytest.raises(ValueError, match="vgg_random_init"):
+    stage2.perceptual_network(c)
+
+
+def test_random_vgg_keeps_activation_scale():
+  c = configs.get_config("tiny")
+  c.loss.vgg_layers = ("relu1_1", "relu3_1", "relu5_1")
+  c.loss.vgg_layer_weights = (1.0, 1.0, 1.0)
+  p = stage2.perceptual_network(c)
+  assert not p.pretrained and "RANDOM-INIT" in p.label
+  x = jnp.asarray(np.random.default_rng(0).random((1, 64, 64, 3)), jnp.float32)
+  rms = [float(jnp.sqrt(jnp.mean(f ** 2))) for f in p.module.apply(p.variables, x)]
+  assert rms[-1] > 0.2 * rms[0], rms  # He init: no collapse through 13 conv layers
+
+
+# ------------------------------------------------------------------------------ the step
+
+def test_train_logs_losses_labels_random_vgg_and_weights_terms(trained):
+  c, workdir, result = trained
+  assert result["step"] == 4
+  records = logs.read_jsonl(workdir / "metrics.jsonl")
+  train = [r for r in records if "train/g_total" in r]
+  assert [r["step"] for r in train] == [1, 2, 3, 4]
+  for r in train:
+    assert r["train/vgg_pretrained"] == 0.0 and r["train/flow_overflow"] == 0.0
+    total = (c.loss.gan * r["train/gan"] + c.loss.perceptual * r["train/perceptual"]
+             + c.loss.feature_matching * r["train/feature_matching"])
+    assert r["train/g_total"] == pytest.approx(total, rel=1e-5)
+    assert 0.0 < r["train/mask_fg"] < 1.0 and 0.0 < r["train/mask_matting"] < 1.0
+  val = [r for r in records if "val/model/psnr" in r]
+  assert val and val[-1]["val/vgg_pretrained"] == 0.0 and "val/warp_only/psnr" in val[-1]
+  grid = sorted((workdir / "images").glob("val_grid_*.png"))[-1]
+  import cv2
+  img = cv2.imread(str(grid))
+  n = c.data.val_batch_size
+  assert img.shape[:2] == (n * 34 + 2, len(stage2.GRID_COLUMNS) * 34 + 2)  # 32 px + 2 px pads
+  meta = __import__("hdtf_jax.train.checkpoints", fromlist=["x"]).Checkpointer(
+      workdir / "checkpoints").read_meta()
+  assert meta["perceptual_vgg"] == stage2.RANDOM_VGG_LABEL
+
+
+def test_resume_continues_exactly(trained, tmp_path, cache_dir, data):
+  c, workdir, _ = trained
+  straight = _restore(c, workdir)
+  # Restart from the step-2 checkpoint of a copy and run to 4 again.
+  import shutil
+  copy = tmp_path / "copy"
+  shutil.copytree(workdir, copy)
+  shutil.rmtree(copy / "checkpoints" / "4")
+  c2 = tiny_config(cache_dir, num_steps=4, checkpoint_every=2, log_every=1, eval_every=0)
+  data.train_iter.set_state({"index": 0})  # resume must restore the iterator itself
+  stage2.train(c2, copy, data=data, progress=False)
+  resumed = _restore(c2, copy)
+  assert int(resumed.step) == 4
+  for a, b in zip(jax.tree_util.tree_leaves(straight), jax.tree_util.tree_leaves(resumed)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_nan_guard_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir,
+                                                                          data):
+  c = tiny_config(cache_dir, num_steps=6, checkpoint_every=2, log_every=1, eval_every=0)
+
+  class Poisoned:
+    def __init__(self, inner):
+      self.inner, self.count = inner, 0
+
+    def __next__(self):
+      batch = next(self.inner)
+      self.count += 1
+      if self.count == 3:
+        batch = dict(batch, driving=np.full_like(batch["driving"], np.nan))
+      return batch
+
+    def get_state(self):
+      return self.inner.get_state()
+
+    def set_state(self, s):
+      self.inner.set_state(s)
+
+  data.train_iter.set_state({"index": 0})
+  poisoned = stage2.Stage2Data(Poisoned(data.train_iter), data.eval_examples,
+                               data.steps_per_epoch, "poisoned")
+  with pytest.raises(common.NonFiniteLossError) as e:
+    stage2.train(c, tmp_path, data=poisoned, progress=False)
+  assert e.value.step == 3 and e.value.last_checkpoint == 2
+  assert "g_total" in e.value.names
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+
+
+def test_eight_fake_devices_match_one_device(tmp_path, cache_dir, data):
+  """Two steps with the batch split over 8 fake CPU devices (BatchNorm over the global batch)
+  give the parameters of the same two steps on one device."""
+  rows = data.eval_examples[:8]
+  batches = [stage2.model_inputs(synthetic_video.stack(r)) for r in (rows, rows[::-1])]
+  (tmp_path / "batches.pkl").write_bytes(pickle.dumps(batches))
+  code = textwrap.dedent(f"""
+    import json, pickle, sys, numpy as np, jax
+    sys.path.insert(0, {str(ROOT)!r})
+    from experiments.configs import stage2 as configs
+    from hdtf_jax.train import stage2, mesh as mesh_lib
+    c = configs.get_config("tiny")
+    c.train.fast_compile = True
+    # Adam turns rounding noise in a zero gradient (a conv bias before BatchNorm) into a full
+    # +-lr step; a larger epsilon keeps such parameters still, so the comparison is meaningful.
+    c.optim.eps = 1e-3
+    batches = pickle.loads(open({str(tmp_path / "batches.pkl")!r}, "rb").read())
+    perceptual = stage2.perceptual_network(c)
+    out = {{}}
+    for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+      mesh = mesh_lib.make_mesh({{"data": -1}}, devices)
+      prog = stage2.program(c, mesh, 20, 10, perceptual)
+      state = stage2.init_state(prog, 0)
+      vgg_vars = stage2.replicate(perceptual.variables, mesh)
+      ms = []
+      for i, b in enumerate(batches):
+        state, m = prog.step(state, mesh_lib.shard_batch(b, mesh), vgg_vars)
+        ms.append({{k: float(v) for k, v in jax.device_get(m).items()}})
+        if i == 0:
+          out[name + "_stats"] = jax.device_get(state.batch_stats)
+      out[name] = jax.device_get(state)
+      out[name + "_metrics"] = ms
+    leaves = lambda t: [np.asarray(x) for x in jax.tree_util.tree_leaves(t)]
+    diff = lambda a, b: max(float(np.max(np.abs(x - y))) for x, y in zip(leaves(a), leaves(b)))
+    print(json.dumps({{"n_devices": len(jax.devices()), "metrics": [out["one_metrics"],
+                      out["eight_metrics"]], "stats_diff": diff(out["one_stats"], out["eight_stats"]),
+                      "g_diff": diff(out["one"].g_params, out["eight"].g_params),
+                      "d_diff": diff(out["one"].d_params, out["eight"].d_params),
+                      "g_moved": diff(out["one"].g_params, stage2.init_state(prog, 0).g_params)}}))
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  out = json.loads(res.stdout.strip().splitlines()[-1])
+  assert out["n_devices"] == 8
+  one, eight = out["metrics"]
+  for a, b in zip(one, eight):  # every loss, grad norm and PSNR of both steps
+    for k in a:
+      assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a[k], b[k])
+  assert out["stats_diff"] < 1e-5  # BatchNorm statistics of the global batch
+  assert out["g_moved"] > 1e-4
+  # Float32 reduction order differs between the layouts; the rest is a tenth of one lr step.
+  assert out["g_diff"] < 4e-5 and out["d_diff"] < 4e-5, out
+
+
+# ------------------------------------------------------------------------------ eval
+
+def test_eval_table_matches_skimage_and_writes_files(trained, data):
+  c, workdir, _ = trained
+  results = stage2.evaluate_checkpoint(c, workdir, data=data)
+  assert results["no_flow"] == "not trained" and results["no_matting"] == "not trained"
+  truth = np.stack([e["driving"] for e in data.eval_examples])
+  ref = np.stack([e["reference"] for e in data.eval_examples])
+  psnr = np.mean([skimage.metrics.peak_signal_noise_ratio(t, r, data_range=1.0)
+                  for t, r in zip(truth, ref)])
+  ssim = np.mean([skimage.metrics.structural_similarity(
+      t, r, data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+      use_sample_covariance=False) for t, r in zip(truth, ref)])
+  assert results["reference"]["psnr"] == pytest.approx(psnr, abs=1e-3)
+  assert results["reference"]["ssim"] == pytest.approx(ssim, abs=1e-4)
+  assert results["warp_only"]["psnr"] > results["reference"]["psnr"]
+  assert np.isfinite(results["model"]["psnr"])
+  saved = json.loads((workdir / "eval_4.json").read_text())
+  assert saved["results"]["reference"]["psnr"] == pytest.approx(psnr, abs=1e-3)
+  md = (workdir / "eval_4.md").read_text()
+  for row in ("G_vid w/o F_app | not trained", "warp-only", "reference frame as prediction",
+              "RANDOM-INIT"):
+    assert row in md
+  assert list((workdir / "images").glob("eval_grid_*.png"))
+
+
+def test_generate_matches_eval_forward(trained, data):
+  c, workdir, _ = trained
+  state = stage2.restore_state(c, workdir)
+  variables = stage2.inference_variables(state)
+  ex = data.eval_examples[:3]
+  ref = ex[0]["reference"]
+  ref_params = ex[0]["ref_params"]
+  drv = {k: np.stack([e["drv_params"][k] for e in ex]) for k in stage2.PARAM_KEYS}
+  frames = stage2.generate(variables, ref, ref_params, drv, config=c, batch_size=2)
+  assert frames.shape == (3, 32, 32, 3) and frames.min() >= 0 and frames.max() <= 1
+  same = [dict(e, reference=ref, ref_params=ref_params) for e in ex]
+  prog = stage2.program(c, stage2.mesh_lib.make_mesh({"data": -1}), 20, 10,
+                        stage2.perceptual_network(c))
+  out = stage2.forward_examples(prog, variables, same, 4)
+  np.testing.assert_allclose(frames, out["image"], atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ speed-ups
+
+def test_fast_bilinear_upsample_matches_pytorch():
+  """hourglass.upsample2 (two 2-tap stencils, for speed) = F.interpolate(scale 2, bilinear,
+  align_corners=False), edges included."""
+  torch = pytest.importorskip("torch")
+  from hdtf_jax.nn import hourglass
+  x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
+  ours = np.asarray(hourglass.upsample2(jnp.asarray(x), "bilinear"))
+  ref = torch.nn.functional.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), scale_factor=2,
+                                        mode="bilinear", align_corners=False)
+  np.testing.assert_allclose(ours, ref.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+  resized = jax.image.resize(jnp.asarray(x), (2, 10, 14, 3), "bilinear")
+  np.testing.assert_allclose(ours, resized, atol=1e-6)
