@@ -221,6 +221,20 @@ def mfcc(wave: Any, config: AudioFeatureConfig = AudioFeatureConfig()) -> np.nda
   return coeffs[:, :frame_count(y.size, c)].T.astype(np.float32)
 
 
+def warm_up(config: "AudioFeatureConfig | None" = None) -> None:
+  """Compiles librosa's numba kernels (pYIN) once in this process.
+
+  librosa caches its numba kernels on disk (`cache=True`). Several processes
+  compiling them for the first time at once (a fresh install, a process pool)
+  race on that cache, and a process can load a half-written entry and crash
+  with a segmentation fault. Calling this in the parent before starting
+  workers leaves a complete cache that the workers only read.
+  """
+  config = config or AudioFeatureConfig()
+  t = np.arange(int(0.25 * config.sample_rate), dtype=np.float32) / config.sample_rate
+  audio_features(0.1 * np.sin(2 * np.pi * 220.0 * t).astype(np.float32), config)
+
+
 def pitch(wave: Any, config: AudioFeatureConfig = AudioFeatureConfig()) -> np.ndarray:
   """(T, 2) float32: normalised log-F0 (0 when unvoiced) and voicing probability.
 

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from hdtf_jax import audio as audio_lib
 from hdtf_jax.data import clips as clips_lib
 from hdtf_jax.data.hdtf_lists import ClipEntry, ListProblem
 
@@ -313,6 +314,9 @@ def build_clips(raw_dir: str | os.PathLike, cache_dir: str | os.PathLike,
 
 
 def _run_pool(todo, raw_dir, cache_dir, config, workers, outcomes, bars) -> None:
+  # Workers must only read librosa's numba cache: first compiles racing in several
+  # processes can crash one of them (see hdtf_jax.audio.warm_up).
+  audio_lib.warm_up()
   ctx = multiprocessing.get_context("spawn")
   queue = ctx.Queue()
 
