@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -302,7 +301,7 @@ def _program(key: str, mesh) -> Program:
   vgg_net = vgg.VGG19Features(layers=tuple(spec["layers"]), preprocess=spec["preprocess"],
                               dtype=jnp.dtype(model_cfg.dtype))
   face_model = morphable.default_model()
-  fsize, size = flow_size(model_cfg), model_cfg.image_size
+  fsize = flow_size(model_cfg)
   scales = int(loss_cfg.perceptual_scales)
 
   dummy_ref, dummy_grid = video.dummy_inputs(model_cfg, batch=1)  # NumPy: outside the trace
