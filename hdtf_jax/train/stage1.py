@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import signal
 import threading
 import time
@@ -46,23 +45,14 @@ from hdtf_jax.data import synthetic
 from hdtf_jax.nn import animation, discriminators
 from hdtf_jax.nn import identity as identity_lib
 from hdtf_jax.train import checkpoints, logs, schedules
+from hdtf_jax.train.common import FAST_COMPILE, NonFiniteLossError, alive, check_finite
+from hdtf_jax.train import common
 from hdtf_jax.train import mesh as mesh_lib
 
 PARTS = ("mouth", "eyebrow", "head")  # G_ani's outputs; the data calls head pose `pose`
 TARGET_KEY = {"mouth": "mouth", "eyebrow": "eyebrow", "head": "pose"}
 IDENTITY_KEY = {"image": "reference_frame", "shape": "shape", "embedding": "embedding"}
-# Compile-once pieces (init) do not need an optimised binary: much faster to compile on CPU.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(FloatingPointError):
-  """A loss was NaN or Inf; `step` is the 1-based step whose update produced it."""
-
-  def __init__(self, step: int, names: Sequence[str], last_checkpoint: int | None):
-    self.step, self.names, self.last_checkpoint = step, tuple(names), last_checkpoint
-    super().__init__(f"stage 1: non-finite loss at step {step} ({', '.join(names)}); stopped "
-                     f"without saving, last good checkpoint: step {last_checkpoint}")
 
 
 @flax.struct.dataclass
@@ -213,13 +203,7 @@ def normalise_audio(audio: jax.Array, stats: Mapping[str, jax.Array]) -> jax.Arr
 
 def resolve_steps(config, steps_per_epoch: int) -> tuple[int, int, int]:
   """(hold, decay, total) steps from `optim.*_steps`, else `*_epochs * steps_per_epoch`."""
-  o = config.optim
-  hold = o.hold_steps if o.hold_steps is not None else o.hold_epochs * steps_per_epoch
-  decay = o.decay_steps if o.decay_steps is not None else o.decay_epochs * steps_per_epoch
-  total = config.train.num_steps if config.train.num_steps is not None else hold + decay
-  if hold < 0 or decay < 0 or total < 1:
-    raise ValueError(f"stage 1: bad schedule hold={hold}, decay={decay}, total={total}")
-  return int(hold), int(decay), int(total)
+  return common.resolve_steps(config.optim, config.train, steps_per_epoch, "stage 1")
 
 
 # G_ani's k1 output convs: (module, layer) per output.
@@ -355,10 +339,10 @@ def _program(key: str, mesh) -> Program:
 
   return Program(
       mesh=mesh, shardings=shardings, abstract=abstract, schedule=schedule,
-      init=jax.jit(init, out_shardings=shardings, compiler_options=_FAST_COMPILE),
+      init=jax.jit(init, out_shardings=shardings, compiler_options=FAST_COMPILE),
       step=jax.jit(step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
                    out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,),
-                   compiler_options=_FAST_COMPILE if spec["fast"] else None))
+                   compiler_options=FAST_COMPILE if spec["fast"] else None))
 
 
 def _global_norm(tree) -> jax.Array:
@@ -594,16 +578,6 @@ def _host_stats(state: TrainState) -> dict[str, np.ndarray]:
   return {k: np.asarray(v) for k, v in jax.device_get(state.stats).items()}
 
 
-def _prefixed(values: Mapping[str, float], prefix: str) -> dict[str, float]:
-  return {f"{prefix}{k}": v for k, v in values.items()}
-
-
-def _alive(state) -> bool:
-  """False when the state's buffers were donated to a step that did not return."""
-  return not any(x.is_deleted() for x in jax.tree_util.tree_leaves(state)
-                 if isinstance(x, jax.Array))
-
-
 class _StopOnSigterm:
   """While installed, SIGTERM (preemption, `kill`) ends the loop after the current step, so the
   exit checkpoint is written; only possible from the main thread."""
@@ -672,9 +646,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, data: Stage
       pending = data.train_iter.get_state()
       state, m = prog.step(state, mesh_lib.shard_batch(batch, mesh))
       m = {k: float(v) for k, v in jax.device_get(m).items()}
-      bad = sorted(k for k, v in m.items() if not math.isfinite(v))
-      if bad:
-        raise NonFiniteLossError(step + 1, bad, ckpt.latest_step())
+      check_finite(m, step + 1, "stage 1", ckpt.latest_step())
       step, synced, last = step + 1, pending, m
       bar.update(1)
       if step % t.log_every == 0 or step == total:
@@ -693,7 +665,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, data: Stage
   finally:  # save at exit (also on Ctrl-C / SIGTERM), never after a non-finite loss
     stop.restore()
     bar.close()
-    if not nonfinite and ckpt.latest_step() != step and _alive(state):
+    if not nonfinite and ckpt.latest_step() != step and alive(state):
       ckpt.save(step, state, synced, meta, force=True)
     ckpt.close()
     logger.close()
