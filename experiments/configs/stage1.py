@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from experiments.configs import common
 from hdtf_jax.nn import animation
 
 PRESETS = ("paper", "demo", "tiny")
@@ -60,7 +61,8 @@ def _base(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       gan_mouth=1.0, gan_eyebrow=1.0, gan_head=1.0,   # LSGAN generator terms
       ssim_c1=1e-4, ssim_c2=9e-4))
 
-  c.mesh = ml_collections.ConfigDict(dict(axes={"data": -1}))
+  c.mesh = common.mesh_config()
+  c.distributed = common.distributed_config()
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = ml_collections.config_dict.placeholder(int)

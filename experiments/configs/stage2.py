@@ -25,6 +25,7 @@ import os
 
 import ml_collections
 
+from experiments.configs import common
 from hdtf_jax.nn import video
 
 PRESETS = ("paper", "256", "demo", "tiny")
@@ -78,7 +79,8 @@ def _base(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optim.hold_steps = ml_collections.config_dict.placeholder(int)
   c.optim.decay_steps = ml_collections.config_dict.placeholder(int)
 
-  c.mesh = ml_collections.ConfigDict(dict(axes={"data": -1}))
+  c.mesh = common.mesh_config()
+  c.distributed = common.distributed_config()
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = ml_collections.config_dict.placeholder(int)

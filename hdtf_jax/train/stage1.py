@@ -261,7 +261,9 @@ def program(config, mesh, hold: int, decay: int) -> Program:
   key = json.dumps({"model": config.model.to_dict(), "loss": config.loss.to_dict(),
                     "optim": config.optim.to_dict(), "hold": hold, "decay": decay,
                     "head_scale": config.train.output_kernel_scale,
-                    "fast": bool(config.train.fast_compile)}, sort_keys=True, default=str)
+                    "fast": bool(config.train.fast_compile),
+                    "fsdp_min_size": config.mesh.get("fsdp_min_size", mesh_lib.FSDP_MIN_SIZE)},
+                   sort_keys=True, default=str)
   return _program(key, mesh)
 
 
@@ -294,7 +296,7 @@ def _program(key: str, mesh) -> Program:
                  **{f"{p}_mean": dims[p] for p in PARTS}}
   stats_abstract = {k: jax.ShapeDtypeStruct((n,), jnp.float32) for k, n in stats_shape.items()}
   shapes = jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32), stats_abstract)
-  shardings = mesh_lib.param_sharding(shapes, mesh)
+  shardings = mesh_lib.param_sharding(shapes, mesh, spec["fsdp_min_size"])
   abstract = jax.tree_util.tree_map(
       lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, shardings)
 

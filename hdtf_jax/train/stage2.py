@@ -281,7 +281,8 @@ def program(config, mesh, hold: int, decay: int, perceptual: Perceptual) -> Prog
                     "flow": config.flow.to_dict(), "optim": config.optim.to_dict(),
                     "hold": hold, "decay": decay, "fast": bool(config.train.fast_compile),
                     "layers": list(perceptual.module.layers),
-                    "preprocess": perceptual.module.preprocess},
+                    "preprocess": perceptual.module.preprocess,
+                    "fsdp_min_size": config.mesh.get("fsdp_min_size", mesh_lib.FSDP_MIN_SIZE)},
                    sort_keys=True, default=str)
   return _program(key, mesh)
 
@@ -315,8 +316,8 @@ def _program(key: str, mesh) -> Program:
                       batch_stats=variables.get("batch_stats", {}), d_params=d_params,
                       g_opt_state=g_tx.init(variables["params"]), d_opt_state=d_tx.init(d_params))
 
-  shardings = mesh_lib.param_sharding(
-      jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32)), mesh)
+  shardings = mesh_lib.param_sharding(  # params and Adam moments alike (mesh.fsdp_min_size)
+      jax.eval_shape(init, jax.ShapeDtypeStruct((2,), jnp.uint32)), mesh, spec["fsdp_min_size"])
 
   def features(vgg_vars, images):
     return vgg.pyramid_features(vgg_net, vgg_vars, images, scales)
