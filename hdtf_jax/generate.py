@@ -306,7 +306,7 @@ def detect_face(image: np.ndarray, name: str, *, min_face_px: float = MIN_FACE_P
   size = max(x1 - x0, y1 - y0)
   if size < min_face_px:
     raise GenerateError(f"{name}: the face is {size:.0f} px, at least {min_face_px:.0f} px is "
-                        f"needed (use a larger image)")
+                        f"needed (use a larger image, or lower --min-face-px)")
   return found.points
 
 
@@ -668,6 +668,22 @@ def check_output(path: str | os.PathLike) -> Path:
   if not os.access(parent, os.W_OK | os.X_OK):
     raise GenerateError(f"{out}: the output folder {str(parent)!r} is not writable")
   return out
+
+
+def check_inputs(image: Any, audio_path: str | os.PathLike | None, out_path: str | os.PathLike,
+                 *, fps: float = 25.0, params_from: str | os.PathLike | None = None) -> None:
+  """The cheap checks of `generate_video` (readable image and audio, long enough audio, a
+  writable output), run before the models load so bad input fails in a second."""
+  if not fps > 0:
+    raise GenerateError(f"fps must be positive, got {fps}")
+  check_output(out_path)
+  load_image(image)
+  if audio_path is not None:
+    load_driving_audio(audio_path, fps)
+  elif params_from is None:
+    raise GenerateError("driving audio is needed (or --params-from a tracked parameter file)")
+  if params_from is not None and not os.path.isfile(params_from):
+    raise GenerateError(f"{params_from}: no such parameter file")
 
 
 def generate_video(image: Any, audio_path: str | os.PathLike | None, out_path: str | os.PathLike,
