@@ -281,6 +281,32 @@ def test_reenactment_from_a_params_file(models, inputs, reference, tmp_path):
   assert s2["frames"] == media.probe_video(out2)["num_frames"] == 33
 
 
+def test_pose_from_a_video_follows_its_head_turn(models, inputs, reference, tmp_path):
+  """A 12-frame video of the astronaut turned in the image plane (roll) and shifted right:
+  tracked roll changes = minus the applied angles (the model's roll turns the face clockwise
+  on screen; OpenCV's angle counter-clockwise), x shift ~ the applied pixels; the video then
+  drives the head of a generated clip whose length the audio sets."""
+  img = inputs["big"][::2, ::2].copy()  # 512 px, the analysis size
+  nose = G.detect_face(inputs["big"], "astronaut")[1, :2] / 2
+  angles, shifts = np.linspace(0, 0.15, 12), np.linspace(0, 12, 12)
+  frames = []
+  for a, dx in zip(angles, shifts):
+    m = cv2.getRotationMatrix2D(tuple(float(v) for v in nose), float(np.degrees(a)), 1.0)
+    m[0, 2] += dx
+    frames.append(cv2.warpAffine(img, m, (512, 512), borderMode=cv2.BORDER_REFLECT))
+  video = media.write_video(tmp_path / "turn.mp4", np.stack(frames), 25.0)
+  tracked = G.track_params(video, models.face_model, fps=25.0)
+  assert len(tracked) == 12
+  delta = tracked.pose - tracked.pose[0]
+  np.testing.assert_allclose(delta[:, 2], -angles, atol=0.03)
+  assert abs(delta[-1, 3] - 12) < 3 and np.abs(delta[:, :2]).max() < 0.06
+  out = tmp_path / "posed.mp4"
+  summary = G.generate_video(inputs["image"], inputs["audio"], out, models, pose_from=video,
+                             reference=reference)
+  assert summary["frames"] == media.probe_video(out)["num_frames"] == 33
+  assert summary["driven_by"] == "audio+pose"
+
+
 # ------------------------------------------------------------------------------ bad input
 
 def test_two_faces_warn_and_the_largest_is_used(models, inputs):
