@@ -200,6 +200,6 @@ def param_sharding(params: Any, mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> An
         if spec[dim] is None and shape[dim] % sizes["fsdp"] == 0:
           spec[dim] = "fsdp"
           break
-    return NamedSharding(mesh, P(*spec))
+    return NamedSharding(mesh, P(*spec)) if any(spec) else replicated(mesh)
 
   return jax.tree_util.tree_map(rule, params)
