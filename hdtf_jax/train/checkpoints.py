@@ -3,6 +3,11 @@
 A run killed at any moment resumes from the last saved step with the same
 parameters, optimizer state, RNG and the same next batch: the iterator state is
 saved beside the model (as JSON) in the same orbax step directory.
+
+Several processes: every process calls `save`, `restore` and `close` (orbax writes each
+array's shards from the processes that hold them and syncs them); the JSON items are written
+by process 0. That suffices for the iterator position because the loaders' per-process shards
+are equally long and advance in lockstep, so every process's position is the same.
 """
 from __future__ import annotations
 
