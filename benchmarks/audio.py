@@ -52,7 +52,11 @@ def main(argv=None) -> None:
   parser.add_argument("--seconds", type=float, default=60.0, help="length of the test audio")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/)")
+  parser.add_argument("--quick", action="store_true",
+                      help="small sizes and few repeats (benchmarks/run_all.py --quick)")
   args = parser.parse_args(argv)
+  if args.quick:
+    args.seconds, args.repeats = 10.0, 1
 
   import librosa
   rows = []

@@ -201,7 +201,11 @@ def main(argv=None) -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--batches", type=int, default=20)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--quick", action="store_true",
+                      help="small sizes and few repeats (benchmarks/run_all.py --quick)")
   args = parser.parse_args(argv)
+  if args.quick:
+    args.seconds, args.repeats, args.batches = 1.0, 1, 4
   _pin(args.cores)
   import cv2
   cv2.setNumThreads(args.cores)

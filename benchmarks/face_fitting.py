@@ -148,7 +148,11 @@ def main(argv=None):
   parser.add_argument("--scipy-frames", type=int, default=20, help="frames fitted by scipy")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--out", help="JSON path (default benchmarks/results/face_fitting.json)")
+  parser.add_argument("--quick", action="store_true",
+                      help="small sizes and few repeats (benchmarks/run_all.py --quick)")
   args = parser.parse_args(argv)
+  if args.quick:
+    args.frames, args.scipy_frames, args.repeats = 200, 3, 1
   model = morphable.default_model()
   config = fitting.FitConfig()
   affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None

@@ -193,7 +193,11 @@ def main(argv=None):
   parser.add_argument("--model", help="morphable model .npz (default: the packaged one)")
   parser.add_argument("--all-cores", action="store_true", help="do not pin to one core")
   parser.add_argument("--out", help="JSON path (default benchmarks/results/face_flow.json)")
+  parser.add_argument("--quick", action="store_true",
+                      help="small sizes and few repeats (benchmarks/run_all.py --quick)")
   args = parser.parse_args(argv)
+  if args.quick:
+    args.sizes, args.frames, args.repeats = "128", 8, 2
   if SINGLE_CORE:
     cv2.setNumThreads(1)
   model = morphable.load(args.model) if args.model else morphable.default_model()

@@ -77,7 +77,11 @@ def main(argv=None) -> None:
                       help="comma-separated square frame sizes; 0 = the clip's native size")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/)")
+  parser.add_argument("--quick", action="store_true",
+                      help="small sizes and few repeats (benchmarks/run_all.py --quick)")
   args = parser.parse_args(argv)
+  if args.quick:
+    args.sizes, args.repeats = "512", 1
 
   frames, path = sample_clip()
   clip_fps = cv2.VideoCapture(str(path)).get(cv2.CAP_PROP_FPS) or 25.0

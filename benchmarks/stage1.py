@@ -161,7 +161,11 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--audio_seconds", type=float, default=60.0)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--quick", action="store_true",
+                      help="small sizes and few repeats (benchmarks/run_all.py --quick)")
   args = parser.parse_args(argv)
+  if args.quick:
+    args.presets, args.repeats, args.audio_seconds = "tiny", 2, 10.0
   train_rows, infer_rows = [], []
   for preset in args.presets.split(","):
     train_rows += bench_train(preset, args.batch, args.window, args.repeats)

@@ -327,7 +327,11 @@ def main(argv=None):
   parser.add_argument("--timeout", type=int, default=1800, help="seconds per case")
   parser.add_argument("--out", default=None)
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--quick", action="store_true",
+                      help="small sizes and few repeats (benchmarks/run_all.py --quick)")
   args = parser.parse_args(argv)
+  if args.quick:
+    args.sizes, args.dtypes, args.repeats = "128", "float32", 1
   if args.child:
     print(json.dumps(child(json.loads(args.child))))
     return

@@ -157,7 +157,11 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=3, help="runs per round")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results)")
+  parser.add_argument("--quick", action="store_true",
+                      help="small sizes and few repeats (benchmarks/run_all.py --quick)")
   args = parser.parse_args(argv)
+  if args.quick:
+    args.rounds, args.repeats, args.warmup = 1, 1, 1
 
   threads = jax_thread_count()
   print(f"JAX {jax.__version__} on {jax.default_backend()} with {threads} CPU threads; "
