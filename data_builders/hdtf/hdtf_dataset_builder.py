@@ -11,11 +11,27 @@ Build (any of):
     python -m data_builders.hdtf --manual_dir=RAW --data_dir=DATA --config=params \
         [--also_tfrecord]
 
-(`tfds build` imports apache_beam at start-up in TFDS 4.9.x; the second form runs the very same
-TFDS build command without that import.) A report `build_report.{json,md}` lands next to the
-dataset files. Per-clip work is cached as .npz under `<download_dir>/hdtf_clips/` (or
-`$HDTF_CACHE_DIR`), so a killed build resumes where it stopped. Workers: `$HDTF_NUM_WORKERS`,
-else min(cpu_count, 4).
+(`tfds build` needs the `beam` extra, apache-beam and mlcroissant, which TFDS 4.9.x imports at
+start-up; the second form runs the very same TFDS build command without those imports.) A report
+`build_report.{json,md}` lands next to the dataset files. Per-clip work is cached as .npz
+under `<download_dir>/hdtf_clips/` (or `$HDTF_CACHE_DIR`), so a killed build resumes where it
+stopped.
+
+Two ways to run the per-clip work, picked by whether the caller asked for Apache Beam:
+- plain (no Beam runner or options given): a process pool on this machine
+  (`hdtf_jax.data.build.build_clips`), workers `$HDTF_NUM_WORKERS`, else min(cpu_count, 4);
+- Beam, when `tfds build` gets `--beam_pipeline_options=...` (or `DownloadConfig(beam_runner=
+  ... or beam_options=...)`): every split is a Beam transform (`build.beam_clip_examples`), so
+  the runner spreads the clips over its workers, e.g. locally
+  `--beam_pipeline_options="runner=FnApiRunner,direct_num_workers=4,direct_running_mode=
+  multi_processing"` (what `runner=DirectRunner` runs too, after first trying Beam's Prism
+  runner, which fetches a binary from GitHub on first use), or Dataflow / Flink / Spark.
+  The examples are the same as the plain build's (keys, order, arrays; tested), and so is
+  the report (from per-clip records the workers write under `data_dir`). On a cluster,
+  `manual_dir` and the clip cache must be paths every worker can read (a shared mount:
+  ffmpeg reads local paths) and the workers need this package installed (e.g. Dataflow's
+  `--setup_file`); `data_dir` may be any tf.io.gfile location. Needs the `beam` extra
+  (`pip install 'hdtf-jax[beam]'`).
 
 `tfds.load` (tf.data) cannot read array_record; `add_tfrecord_copy` (or `--also_tfrecord`)
 writes the same records as tfrecord beside them, registered as an alternative format, then:
@@ -26,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +186,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         homepage="https://github.com/MRzzm/HDTF", citation=_CITATION,
         supervised_keys=None)
 
+  def _generate_splits(self, dl_manager, download_config):
+    # Beam exactly when the caller asked for it: `tfds build --beam_pipeline_options=...` sets
+    # download_config.beam_options; a plain build never needs apache_beam.
+    self._use_beam = (download_config.beam_runner is not None
+                      or download_config.beam_options is not None)
+    self._started = time.perf_counter()
+    return super()._generate_splits(dl_manager, download_config)
+
   def _cache_dir(self, dl_manager) -> Path:
     root = (os.environ.get("HDTF_CACHE_DIR")
             or os.fspath(Path(dl_manager.download_dir) / "hdtf_clips"))
@@ -182,6 +207,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     parts = hdtf_lists.split_clips(lists.clips, cfg.test_fraction, cfg.seed)
     clip_cfg = cfg.clip_config()
     cache_dir = self._cache_dir(dl_manager)
+    if getattr(self, "_use_beam", False):
+      return self._beam_split_generators(raw_dir, cache_dir, clip_cfg, lists, parts)
     result = build_lib.build_clips(raw_dir, cache_dir, clip_cfg, lists.clips,
                                    num_workers=cfg.num_workers, problems=lists.problems)
     # self.data_dir is the (still incomplete) version folder: the report moves with the data.
@@ -196,6 +223,35 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     if not generators:
       raise RuntimeError(f"no clip of {raw_dir} could be built; see {json_path}")
     return generators
+
+  def _beam_split_generators(self, raw_dir, cache_dir, clip_cfg, lists, parts):
+    """One Beam transform per split (see the module docstring); the report is written by
+    `_process_pipeline_result` from the outcomes the workers record."""
+    from etils import epath
+    from hdtf_jax import audio as audio_lib
+    audio_lib.warm_up()  # local workers then only read librosa's numba cache (no compile race)
+    outcome_dir = os.fspath(epath.Path(self.data_dir) / build_lib.OUTCOMES_DIR)  # also gs://
+    drop = ("reference_frames",) if self.builder_config.store_frames else ("frames",)
+    self._beam_build = dict(raw_dir=raw_dir, cache_dir=cache_dir, clip_cfg=clip_cfg,
+                            lists=lists, parts=parts, outcome_dir=outcome_dir)
+    # Unlike the plain build, which splits will end up empty is only known afterwards.
+    return {split: build_lib.beam_clip_examples(raw_dir, cache_dir, clip_cfg, members,
+                                                outcome_dir, drop)
+            for split, members in parts.items() if members}
+
+  def _process_pipeline_result(self, pipeline_result) -> None:
+    """After a Beam build: the same report as the plain build's, from the workers' records."""
+    from etils import epath
+    b = getattr(self, "_beam_build", None)
+    if b is None:
+      return
+    outcomes = build_lib.read_beam_outcomes(b["outcome_dir"], b["lists"].clips)
+    workers = {o.worker for o in outcomes if o.status == "built"}
+    result = build_lib.BuildResult(outcomes, b["cache_dir"], b["clip_cfg"], b["lists"].problems,
+                                   time.perf_counter() - self._started, max(1, len(workers)))
+    build_lib.write_report(result, self.data_dir,
+                           {k: [c.name for c in v] for k, v in b["parts"].items()})
+    epath.Path(b["outcome_dir"]).rmtree(missing_ok=True)
 
   def _generate_examples(self, cache_dir: Path, entries: list, clip_cfg):
     store_frames = self.builder_config.store_frames
@@ -240,8 +296,8 @@ def add_tfrecord_copy(builder_dir: str | os.PathLike) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-  """`tfds build` for this folder, without the CLI's apache_beam import; `--also_tfrecord`
-  adds the tfrecord copy afterwards."""
+  """`tfds build` for this folder, without the CLI's apache_beam import (so `beam` is needed
+  only with `--beam_pipeline_options`); `--also_tfrecord` adds the tfrecord copy afterwards."""
   from absl import app
   from tensorflow_datasets.scripts.cli import build as tfds_build
   from tensorflow_datasets.scripts.cli import cli_utils

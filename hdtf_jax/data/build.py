@@ -16,6 +16,10 @@
 - Progress: an overall bar (clips) and one bar per clip in flight (frames), via tqdm.
 - Report: `build_report.json` and `build_report.md` (built / reused / skipped per reason, hours,
   frames, list problems, per-split counts).
+- Apache Beam: `beam_clip_examples` is the same per-clip work as a Beam transform (clips spread
+  over the runner's workers, each worker keeping its own models and the same .npz cache), used
+  by the TFDS builder when a Beam runner or options are given; `read_beam_outcomes` gathers
+  what each worker recorded, for the same report.
 """
 from __future__ import annotations
 
@@ -26,6 +30,8 @@ import json
 import multiprocessing
 import os
 import queue as queue_lib
+import socket
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -52,6 +58,7 @@ class Outcome:
   frames: int = 0
   seconds: float = 0.0
   elapsed_s: float = 0.0
+  worker: str = ""  # host:pid that processed it (Beam builds)
 
   @property
   def ok(self) -> bool:
@@ -157,7 +164,7 @@ def cached_outcome(entry: ClipEntry, raw_dir: Path, cache_dir: Path,
 # ----------------------------------------------------------------------------- one clip
 
 
-_TOOLS: dict[str, clips_lib.ClipTools] = {}
+_TOOLS = threading.local()  # per thread: the landmarkers (LiteRT interpreters) are not shareable
 _QUEUE = None
 
 
@@ -166,6 +173,12 @@ def _init_worker(queue, jax_cache_dir: str) -> None:
   and a persistent XLA compilation cache so each fit shape compiles once per machine."""
   global _QUEUE
   _QUEUE = queue
+  _single_threaded(jax_cache_dir)
+
+
+def _single_threaded(jax_cache_dir: str) -> None:
+  # XLA reads XLA_FLAGS when its CPU backend starts (first computation), so this works as long
+  # as nothing has run on JAX in this process yet.
   os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
                                      "intra_op_parallelism_threads=1")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -174,15 +187,19 @@ def _init_worker(queue, jax_cache_dir: str) -> None:
   import cv2
   cv2.setNumThreads(1)
   import jax
-  jax.config.update("jax_compilation_cache_dir", jax_cache_dir)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):  # else the caller's choice stands
+    jax.config.update("jax_compilation_cache_dir", jax_cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _tools(config: clips_lib.ClipConfig) -> clips_lib.ClipTools:
   key = config.signature()
-  if key not in _TOOLS:
-    _TOOLS[key] = clips_lib.ClipTools(config)
-  return _TOOLS[key]
+  tools = getattr(_TOOLS, "by_signature", None)
+  if tools is None:
+    tools = _TOOLS.by_signature = {}
+  if key not in tools:
+    tools[key] = clips_lib.ClipTools(config)
+  return tools[key]
 
 
 def process_to_cache(entry: ClipEntry, raw_dir: Path, cache_dir: Path,
@@ -347,16 +364,86 @@ def _run_pool(todo, raw_dir, cache_dir, config, workers, outcomes, bars) -> None
   queue.close()
 
 
+# ----------------------------------------------------------------------------- Apache Beam
+
+
+OUTCOMES_DIR = ".beam_outcomes"  # per-clip outcome records of a Beam build (then the report)
+
+
+def beam_clip_examples(raw_dir: str | os.PathLike, cache_dir: str | os.PathLike,
+                       config: clips_lib.ClipConfig, clips: Sequence[ClipEntry],
+                       outcome_dir: str, drop: Sequence[str] = ()):
+  """A `beam.PTransform` (pipeline root -> (clip name, example dict)) doing `build_clips`'s
+  work on a Beam runner: the clips are spread over the workers (Reshuffle), each worker
+  processes its clips as `process_to_cache` does (same .npz cache, reused when present, so
+  a rerun on one machine resumes) and yields the cached example without the keys in `drop`.
+  Every clip's `Outcome` is written as `<outcome_dir>/<clip>.json` (any tf.io.gfile / epath
+  location) for `read_beam_outcomes`. `raw_dir` and `cache_dir` must be paths that every
+  worker can read and write (one machine, or a shared mount on a cluster)."""
+  import apache_beam as beam  # only Beam builds need it (the `beam` extra)
+  return (beam.Create(list(clips))
+          | "SpreadClips" >> beam.Reshuffle()
+          | "ProcessClip" >> beam.FlatMap(
+              _beam_clip, raw_dir=os.fspath(raw_dir), cache_dir=os.fspath(cache_dir),
+              config=config, outcome_dir=os.fspath(outcome_dir), drop=tuple(drop)))
+
+
+_BEAM_READY: list[bool] = []
+
+
+def _beam_clip(entry: ClipEntry, raw_dir: str, cache_dir: str, config: clips_lib.ClipConfig,
+               outcome_dir: str, drop: tuple[str, ...]) -> Iterable[tuple[str, dict]]:
+  from apache_beam.metrics import Metrics
+  from etils import epath
+  raw, cache = Path(raw_dir), Path(cache_dir)
+  if not _BEAM_READY:  # once per worker process: the pool workers' settings
+    cache.mkdir(parents=True, exist_ok=True)
+    _single_threaded(os.fspath(cache.parent / "xla_cache"))
+    _BEAM_READY.append(True)
+  outcome = cached_outcome(entry, raw, cache, config)
+  if outcome is None:
+    outcome = process_to_cache(entry, raw, cache, config)
+  outcome.worker = f"{socket.gethostname()}:{os.getpid()}"
+  Metrics.counter("hdtf", outcome.status if outcome.ok else f"skipped_{outcome.reason}").inc()
+  if outcome.ok:
+    Metrics.counter("hdtf", "frames").inc(outcome.frames)
+  record = epath.Path(outcome_dir) / f"{entry.name}.json"
+  record.parent.mkdir(parents=True, exist_ok=True)
+  record.write_text(json.dumps(dataclasses.asdict(outcome)))  # a retried bundle rewrites it
+  if outcome.ok:
+    example = clips_lib.load_clip(clip_path(cache, entry.name), clip_signature(config, entry))
+    for key in drop:
+      example.pop(key, None)
+    yield entry.name, example
+
+
+def read_beam_outcomes(outcome_dir: str, clips: Sequence[ClipEntry]) -> list[Outcome]:
+  """The outcomes `beam_clip_examples` recorded, in `clips` order (a clip without a record,
+  which a finished pipeline should not leave, counts as skipped with reason `error`)."""
+  from etils import epath
+  folder = epath.Path(outcome_dir)
+  outcomes = []
+  for entry in clips:
+    path = folder / f"{entry.name}.json"
+    if path.exists():
+      outcomes.append(Outcome(**json.loads(path.read_text())))
+    else:
+      outcomes.append(Outcome(entry.name, entry.split, "skipped", ERROR_REASON,
+                              "no outcome recorded by the Beam pipeline"))
+  return outcomes
+
+
 # ----------------------------------------------------------------------------- report
 
 
 def write_report(result: BuildResult, out_dir: str | os.PathLike,
-                 splits: Mapping[str, Sequence[str]] | None = None) -> tuple[Path, Path]:
+                 splits: Mapping[str, Sequence[str]] | None = None) -> tuple[Any, Any]:
   """Writes `build_report.json` and `build_report.md` in `out_dir`; returns their paths.
 
   `splits` maps split names to clip names; the report counts the clips built in each.
   """
-  out_dir = Path(out_dir)
+  from etils import epath
+  out_dir = epath.Path(out_dir)  # a local folder or any tf.io.gfile location (gs://...)
   out_dir.mkdir(parents=True, exist_ok=True)
   summary = result.summary()
   ok = set(result.ok_clips)
