@@ -28,9 +28,16 @@ def cache_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("s2cache"))
 
 
+# The demo preset's start-from-the-warp options (mask biases, pixel skip) and pixel L1, so the
+# step, resume, eval and generate tests below cover them too (the tiny preset has the paper's).
+WARP_START = dict(fg_bias_init=3.0, matting_bias_init=3.0, pixel_skip="residual")
+
+
 def tiny_config(cache_dir, **train):
   c = configs.get_config("tiny")
   c.data.synthetic.cache_dir = cache_dir
+  c.model.generator.update(**WARP_START)
+  c.loss.l1 = 2.0
   c.train.fast_compile = True  # smoke runs: compile time dominates
   c.train.update(**train)
   return c
@@ -115,6 +122,87 @@ def test_synthetic_pairs_are_deterministic_and_f_app_explains_them(data):
   assert psnr(warped) > psnr(ref) + 2.0
 
 
+# ------------------------------------------------------------------------ start from the warp
+
+def _generator_outputs(data, **generator):
+  """Init-time G_vid (tiny widths) on 4 held-out pairs: (config, params, outputs, reference)."""
+  from hdtf_jax.face import flow, morphable
+  from hdtf_jax.nn import video
+  cfg = video.tiny_config()
+  cfg.generator.update(**generator)
+  batch = stage2.model_inputs(synthetic_video.stack(data.eval_examples[:4]))
+  f_app, _ = stage2.app_flow(morphable.default_model(), batch["ref_params"], batch["drv_params"],
+                             stage2.flow_size(cfg), flow.FlowConfig())
+  gen = video.VideoGenerator(cfg)
+  variables = gen.init(jax.random.PRNGKey(0), batch["reference"], f_app)
+  out = jax.device_get(gen.apply(variables, batch["reference"], f_app))
+  return cfg, variables["params"], out, batch["reference"]
+
+
+def test_mask_bias_init_starts_the_masks_near_one(data):
+  _, params, out, _ = _generator_outputs(data, fg_bias_init=3.0, matting_bias_init=3.0)
+  np.testing.assert_array_equal(params["head_fg"]["bias"], [3.0])
+  np.testing.assert_array_equal(params["head_matting"]["bias"], [3.0])
+  assert np.all(params["head_g"]["bias"] == 0)  # the feature head keeps flax's zero bias
+  # Logits = 3 + (random kernel . hourglass features): most mask values near sigmoid(3) = 0.953.
+  for k in ("mask_fg", "mask_matting"):
+    assert 0.85 < np.median(out[k]) < 0.995, (k, np.median(out[k]))
+  # The paper's (default) heads: zero bias, masks around 0.5, no skip.
+  _, params, out, _ = _generator_outputs(data)
+  np.testing.assert_array_equal(params["head_fg"]["bias"], [0.0])
+  assert 0.2 < np.median(out["mask_fg"]) < 0.8
+  assert "mask_pixel" not in out and "out_mask" not in params["decoder"]
+
+
+def test_residual_pixel_skip_is_exactly_the_warp_at_init(data):
+  """"residual": image = clip(warp(reference, F, border) + correction), the correction's conv
+  zero at init and fed [decoder features, warp]: the warp-only prediction with G_vid's own F."""
+  cfg, params, out, ref = _generator_outputs(data, pixel_skip="residual")
+  warped = np.asarray(stage2.warp_only(jnp.asarray(ref), jnp.asarray(out["flow"])))
+  np.testing.assert_allclose(out["image"], warped, atol=1e-6)
+  assert np.abs(warped - ref).max() > 0.05  # F moved the picture: not a trivial identity
+  kernel = params["decoder"]["out"]["kernel"]
+  assert kernel.shape == (7, 7, cfg.generator.encoder_widths[0] + 3, 3) and not kernel.any()
+  assert "mask_pixel" not in out
+
+
+def test_blend_pixel_skip_is_the_warp_at_init(data):
+  """"blend": image = M_p * warp(reference, F, border) + (1 - M_p) * decoder, M_p = sigmoid(bias)
+  at init: within 1 - M_p of the warp-only prediction with G_vid's own F (stage2.warp_only)."""
+  cfg, params, out, ref = _generator_outputs(data, pixel_skip="blend", pixel_skip_bias_init=3.0)
+  m = 1 / (1 + np.exp(-3.0))
+  np.testing.assert_allclose(out["mask_pixel"], m, rtol=1e-6)
+  assert out["mask_pixel"].shape == (4, 32, 32, 1)
+  warped = np.asarray(stage2.warp_only(jnp.asarray(ref), jnp.asarray(out["flow"])))
+  gap = np.abs(out["image"] - warped)
+  assert gap.max() <= (1 - m) + 1e-6 and gap.max() > 1e-3  # the decoder's share is there
+  # Decoder output = (image - M_p * warp) / (1 - M_p) is a sigmoid, i.e. in (0, 1).
+  dec = (out["image"] - m * warped) / (1 - m)
+  assert dec.min() > -1e-4 and dec.max() < 1 + 1e-4
+  _, _, out, ref = _generator_outputs(data, pixel_skip="blend", pixel_skip_bias_init=30.0)
+  warped = np.asarray(stage2.warp_only(jnp.asarray(ref), jnp.asarray(out["flow"])))
+  np.testing.assert_allclose(out["image"], warped, atol=1e-5)
+
+
+def test_l1_term_matches_numpy():
+  rng = np.random.default_rng(3)
+  fake, real = (rng.uniform(size=(2, 8, 8, 3)).astype(np.float32) for _ in range(2))
+  logits = [jnp.asarray(rng.normal(size=(2, 3, 3, 1)).astype(np.float32))]
+  feats = [jnp.asarray(rng.normal(size=(2, 4, 4, 5)).astype(np.float32))]
+  vgg_f = [{"relu1_1": jnp.asarray(fake)}]
+  vgg_r = [{"relu1_1": jnp.asarray(real)}]
+  loss_cfg = configs.get_config("tiny").loss
+  loss_cfg.vgg_layers, loss_cfg.vgg_layer_weights = ("relu1_1",), (1.0,)
+  terms = stage2.generator_loss_terms(logits, feats, feats, vgg_f, vgg_r, loss_cfg,
+                                      jnp.asarray(fake), jnp.asarray(real))
+  assert float(terms["l1"]) == pytest.approx(np.mean(np.abs(fake - real)), rel=1e-6)
+  assert configs.get_config("paper").loss.l1 == 0.0  # the paper has no pixel term
+  demo = configs.get_config("demo").model.generator
+  paper = configs.get_config("paper").model.generator
+  assert demo.pixel_skip == "blend" and paper.pixel_skip == "none"
+  assert paper.fg_bias_init == paper.matting_bias_init == 0.0
+
+
 # ------------------------------------------------------------------------------ perceptual net
 
 def test_missing_vgg_weights_fail_before_training(tmp_path, cache_dir):
@@ -158,9 +246,11 @@ def test_train_logs_losses_labels_random_vgg_and_weights_terms(trained):
   for r in train:
     assert r["train/vgg_pretrained"] == 0.0 and r["train/flow_overflow"] == 0.0
     total = (c.loss.gan * r["train/gan"] + c.loss.perceptual * r["train/perceptual"]
-             + c.loss.feature_matching * r["train/feature_matching"])
+             + c.loss.feature_matching * r["train/feature_matching"] + c.loss.l1 * r["train/l1"])
+    assert c.loss.l1 > 0 and r["train/l1"] > 0
     assert r["train/g_total"] == pytest.approx(total, rel=1e-5)
     assert 0.0 < r["train/mask_fg"] < 1.0 and 0.0 < r["train/mask_matting"] < 1.0
+    assert "train/mask_pixel" not in r  # "residual" skip: no M_p
   val = [r for r in records if "val/model/psnr" in r]
   assert val and val[-1]["val/vgg_pretrained"] == 0.0 and "val/warp_only/psnr" in val[-1]
   grid = sorted((workdir / "images").glob("val_grid_*.png"))[-1]
@@ -233,6 +323,8 @@ def test_eight_fake_devices_match_one_device(tmp_path, cache_dir, data):
     from experiments.configs import stage2 as configs
     from hdtf_jax.train import stage2, mesh as mesh_lib
     c = configs.get_config("tiny")
+    c.model.generator.update({WARP_START!r})
+    c.loss.l1 = 2.0
     c.train.fast_compile = True
     # Adam turns rounding noise in a zero gradient (a conv bias before BatchNorm) into a full
     # +-lr step; a larger epsilon keeps such parameters still, so the comparison is meaningful.

@@ -9,7 +9,8 @@ One step, from one batch of (reference, driving) frame pairs with their paramete
   3. D_vid's LSGAN loss on [driving, stop_gradient(generated)] (InstanceNorm only, so one call
      for both halves), which also gives the real features for feature matching;
   4. the generator's loss on the generated image -- LSGAN (x loss.gan) + VGG-19 perceptual
-     (x loss.perceptual = 10) + D_vid feature matching (x loss.feature_matching = 10) -- and its
+     (x loss.perceptual = 10) + D_vid feature matching (x loss.feature_matching = 10), plus a
+     pixel L1 (x loss.l1; not in the paper, 0 in `paper`) -- and its
      gradient with respect to the image, pulled back through the VJP of step 2;
   5. Adam updates of both (lr held, then decayed linearly to 0).
 The step is jitted once per (config, mesh) with `NamedSharding`s (batch over the `data` axis,
@@ -243,13 +244,17 @@ def warp_only(reference: jax.Array, flow_app: jax.Array) -> jax.Array:
 
 # ------------------------------------------------------------------------- state and step
 
-def generator_loss_terms(d_logits, d_feats, real_feats, vgg_fake, vgg_real,
-                         loss_config) -> dict[str, jax.Array]:
-  """Unweighted generator terms; the total is sum(loss_config[name] * term)."""
+def generator_loss_terms(d_logits, d_feats, real_feats, vgg_fake, vgg_real, loss_config,
+                         fake: jax.Array, real: jax.Array) -> dict[str, jax.Array]:
+  """Unweighted generator terms; the total is sum(loss_config[name] * term).
+
+  "l1" is the mean absolute pixel error of the generated frames: not in the paper (weight
+  `loss.l1`, 0 in `paper`), always logged."""
   return {"gan": losses.lsgan_generator_loss(d_logits),
           "feature_matching": losses.feature_matching_loss(real_feats, d_feats),
           "perceptual": sum(losses.perceptual_loss(a, b, tuple(loss_config.vgg_layer_weights))
-                            for a, b in zip(vgg_fake, vgg_real))}
+                            for a, b in zip(vgg_fake, vgg_real)),
+          "l1": jnp.mean(jnp.abs(fake.astype(jnp.float32) - real.astype(jnp.float32)))}
 
 
 def _split_half(tree, n: int):
@@ -347,8 +352,8 @@ def _program(key: str, mesh) -> Program:
     def image_loss(image):
       logits, feats = disc.apply({"params": state.d_params}, image)
       terms = generator_loss_terms(logits, feats, real_feats, features(vgg_vars, image),
-                                   vgg_real, loss_cfg)
-      return sum(loss_cfg[k] * v for k, v in terms.items()), terms
+                                   vgg_real, loss_cfg, image, real)
+      return sum(loss_cfg.get(k, 0.0) * v for k, v in terms.items()), terms
 
     (g_total, g_terms), d_image = jax.value_and_grad(image_loss, has_aux=True)(fake)
     (g_grads,) = g_vjp(d_image)
@@ -364,6 +369,8 @@ def _program(key: str, mesh) -> Program:
                    "psnr": jnp.mean(metrics.psnr(fake, real, 1.0)),
                    "mask_fg": jnp.mean(out["mask_fg"]), "mask_matting": jnp.mean(out["mask_matting"]),
                    "flow_overflow": jnp.mean(overflow.astype(jnp.float32))}
+    if "mask_pixel" in out:
+      out_metrics["mask_pixel"] = jnp.mean(out["mask_pixel"])
     return new_state, out_metrics
 
   batch_sh, rep = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
