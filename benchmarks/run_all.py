@@ -131,6 +131,8 @@ def _fig(key: str, value: str, alternative: str = "") -> dict:
 
 def warp_figures(r: dict) -> list[dict]:
   out = []
+  no_torch = (r.get("notes") or {}).get("torch", "") if "torch not" in str(
+      (r.get("notes") or {}).get("torch", "")) else ""
   for row in r.get("rows", []):
     value = f"{_f(row['jax_ms'])} ms"
     if row.get("x_copy") is not None:
@@ -138,6 +140,8 @@ def warp_figures(r: dict) -> list[dict]:
     alt = ""
     if row.get("torch_ms") is not None:
       alt = f"PyTorch `grid_sample` {_f(row['torch_ms'])} ms (ours {_f(row.get('speedup_vs_torch'))}x)"
+    elif no_torch:
+      alt = no_torch
     out.append(_fig(f"grid_sample {row['pass']}, {row['shape']}", value, alt))
   return out
 
@@ -233,14 +237,15 @@ def stage1_figures(r: dict) -> list[dict]:
 
 def stage2_figures(r: dict) -> list[dict]:
   out = []
+  torch = {(x.get("size"), x.get("dtype"), x.get("batch")): x for x in r.get("rows", [])
+           if x["mode"] == "torch"}
   rows = [x for x in r.get("rows", []) if not x.get("error")]
-  torch = {(x.get("size"), x.get("dtype"), x.get("batch")): x for x in rows if x["mode"] == "torch"}
   for row in rows:
     mode = row["mode"]
     if mode == "torch":
       continue
     mem = f", peak {_f(row['peak_memory_mb'])} MB" if row.get("peak_memory_mb") else ""
-    if mode == "conv":
+    if mode.startswith("conv"):
       out.append(_fig("one 3x3 conv 1x128x128x256->256 (ceiling)",
                       f"{_f(row.get('gflop_per_s'))} GFLOP/s"))
       continue
@@ -251,7 +256,8 @@ def stage2_figures(r: dict) -> list[dict]:
     alt = ""
     t = torch.get((row.get("size"), row.get("dtype"), row.get("batch")))
     if mode == "infer" and t:
-      alt = f"a PyTorch G_vid {_f(t.get('frames_per_s'))} frames/s"
+      alt = (f"no PyTorch comparison ({t['error']})" if t.get("error")
+             else f"a PyTorch G_vid {_f(t.get('frames_per_s'))} frames/s")
     out.append(_fig(key, f"{_f(rate)} {unit}{mem}", alt))
   return out
 
@@ -357,7 +363,7 @@ def update_readme_text(text: str, summary: dict) -> str:
       row = [key, "-", "-", "-"]
       rows.append(row)
       index[key] = row
-    where = f"{f.get('machine', '?')}, {f.get('date') or '?'}"
+    where = f"{f.get('machine', '?')}, {(f.get('date') or '?')[:10]}"
     if f.get("quick"):
       row[3] = _cell(f"{f['value']} ({where})")
     else:
