@@ -243,3 +243,31 @@ def test_bad_wave_rejected():
     audio.audio_features(np.zeros((100, 2), np.float32))
   with pytest.raises(ValueError, match="NaN"):
     audio.audio_features(np.full(1000, np.nan, np.float32))
+
+
+@pytest.mark.parametrize("resolution,hop", [(0.2, 160), (0.1, 160), (0.2, 320)])
+def test_pyin_equals_librosa(speech, resolution, hop):
+  """audio.pyin (compiled trough loop, banded Viterbi) decodes the same F0 and voicing as
+  librosa.pyin, probabilities to float rounding, on speech, speech + noise, tones that jump
+  further than the transition band (out-of-band Viterbi paths), noise and silence; hop 320
+  makes the band's width even (one bin off centre)."""
+  rng = np.random.default_rng(0)
+  t = np.arange(SR // 2) / SR
+  signals = {
+      "speech": speech,
+      "speech+noise": speech + 0.01 * rng.standard_normal(speech.size).astype(np.float32),
+      "tone jumps": np.concatenate([0.5 * np.sin(2 * np.pi * f * t) for f in (110, 440, 100, 580, 70)]),
+      "noise": rng.standard_normal(SR // 2),
+      "silence": np.zeros(SR // 4),
+  }
+  kw = dict(fmin=65.0, fmax=600.0, sr=SR, frame_length=1024, hop_length=hop,
+            resolution=resolution)
+  for name, y in signals.items():
+    y = y.astype(np.float32)
+    f0, voiced, prob = audio.pyin(y, **kw)
+    ref_f0, ref_voiced, ref_prob = librosa.pyin(y, center=True, pad_mode="constant", **kw)
+    np.testing.assert_array_equal(voiced, ref_voiced, err_msg=name)
+    np.testing.assert_array_equal(f0, ref_f0, err_msg=name)  # NaN where unvoiced, in both
+    np.testing.assert_allclose(prob, ref_prob, rtol=0, atol=1e-12, err_msg=name)
+  assert not ref_voiced.any()  # silence, the last signal
+  assert audio.pyin(speech, **kw)[1].sum() > 30  # and speech has voiced frames to compare
