@@ -134,9 +134,22 @@ def main():
   pi = jax.process_index()
   data = pickle.loads(Path(args.batches).read_bytes())
   t0 = time.perf_counter()
-  lap = lambda name: info["seconds"].__setitem__(name, round(time.perf_counter() - t0, 1))
+
+  def lap(name: str) -> None:  # progress on stderr: a test that times out shows where
+    info["seconds"][name] = round(time.perf_counter() - t0, 1)
+    print(f"{role} process {pi}: {name} done at {info['seconds'][name]} s", file=sys.stderr,
+          flush=True)
+
   info = {"seconds": {}, "process_index": pi, "process_count": jax.process_count(),
           "devices": jax.device_count(), "local_devices": jax.local_device_count()}
+  lap("start")
+  if multi:  # the loader: this process's shard of the training windows, shared statistics
+    loader = stage1.make_data(c1)
+    first = next(loader.train_iter)
+    info["loader"] = {"rows": int(first["audio"].shape[0]),
+                      "first_audio": np.asarray(first["audio"][:, :4, 0], float).tolist(),
+                      "stats": {k: np.asarray(v, float).tolist() for k, v in loader.stats.items()}}
+    lap("loader")
   mesh = mesh_lib.make_mesh(c1.mesh.axes.to_dict())
   s1, m1 = run_stage1(c1, mesh, data, out / "s1")
   lap("stage1")

@@ -12,6 +12,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def runs(tmp_path_factory):
       for q in procs:
         q.kill()
       _, err = p.communicate()
-      errors.append(f"{name} timed out")
+      errors.append(f"{name} timed out; its last progress: {err.strip().splitlines()[-1:]}")
     if p.returncode:
       errors.append(f"{name} exited {p.returncode}:\n{err[-3000:]}")
   assert not errors, "\n".join(errors)
@@ -132,6 +133,12 @@ def test_two_processes_match_one_process_on_eight_devices(runs):
     assert (info["process_index"], info["process_count"]) == (i, 2)
     assert (info["devices"], info["local_devices"]) == (8, 4)
   assert (runs["single"]["process_count"], runs["single"]["devices"]) == (1, 8)
+  # stage1.make_data: each process loads its half of the global batch from its own shard, and
+  # both compute the same audio statistics (they are part of the replicated train state).
+  l0, l1 = runs["multi"][0]["loader"], runs["multi"][1]["loader"]
+  assert l0["rows"] == l1["rows"] == 4
+  assert not np.allclose(l0["first_audio"], l1["first_audio"])
+  assert l0["stats"] == l1["stats"]
   p0, p1, single = runs["multi"][0]["metrics"], runs["multi"][1]["metrics"], runs["single"]["metrics"]
   assert p0 == p1  # replicated scalars: both processes see the same numbers
   for stage in ("stage1", "stage2"):  # every loss, grad norm (and PSNR) of both steps
@@ -184,3 +191,30 @@ def test_parameter_rules_split_large_arrays_over_fsdp_and_model():
   assert specs["odd"] == () and specs["bias"] == ()  # nothing divides / too small
   data_only = AbstractMesh((8,), ("data",), axis_types=(AxisType.Auto,))
   assert tuple(mesh_lib.param_sharding(tree, data_only, 100)["kernel"].spec) == ()
+
+
+def test_initialize_distributed_falls_back_to_one_process_and_names_missing_values():
+  code = textwrap.dedent("""
+    import json, os, jax
+    from hdtf_jax.train import mesh
+    out = {"one": mesh.initialize_distributed(num_processes=1)}
+    os.environ["JAX_NUM_PROCESSES"] = "2"  # two processes but no coordinator: a clear error
+    try:
+      mesh.initialize_distributed()
+      out["missing"] = "no error"
+    except ValueError as e:
+      out["missing"] = str(e)
+    del os.environ["JAX_NUM_PROCESSES"]
+    out["auto"] = mesh.initialize_distributed()  # nothing set, no cluster: one process
+    out["count"] = jax.process_count()
+    print(json.dumps(out))
+  """)
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_",
+                                                                    "JAX_PROCESS_ID", "SLURM_",
+                                                                    "OMPI_"))}
+  res = subprocess.run([sys.executable, "-c", code], env=dict(env, JAX_PLATFORMS="cpu"),
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert res.returncode == 0, res.stderr[-2000:]
+  out = json.loads(res.stdout.strip().splitlines()[-1])
+  assert out["one"] is False and out["auto"] is False and out["count"] == 1
+  assert "distributed start-up" in out["missing"] and "coordinator_address" in out["missing"]

@@ -105,12 +105,12 @@ def make_data(config: ml_collections.ConfigDict) -> Stage1Data:
   """The source that `config.data.source` names: 'synthetic' or 'tfds' (`hdtf/params`)."""
   d = config.data
   local = _local_batch_size(d.batch_size)
-  shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+  own = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
   if d.source == "synthetic":
     syn = synthetic.SyntheticConfig.from_dict(d.synthetic.to_dict())
     train_src = synthetic.SyntheticStage1Source(syn, "train")
-    make_iter = lambda seed: synthetic.WindowIterator(train_src, window=d.window,
-                                                      batch_size=local, seed=seed, **shard)
+    make_iter = lambda seed, shard=own: synthetic.WindowIterator(
+        train_src, window=d.window, batch_size=local, seed=seed, **shard)
     test_clips = synthetic.SyntheticStage1Source(syn, "test")
     windows = train_src.num_windows(d.window, d.stride)
   elif d.source == "tfds":
@@ -123,7 +123,7 @@ def make_data(config: ml_collections.ConfigDict) -> Stage1Data:
       raise FileNotFoundError(f"stage 1: cannot open TFDS {d.tfds_name!r} in data_dir "
                               f"{d.data_dir!r}: {e}") from e
     size = config.model.identity.image_size if config.model.identity.kind == "image" else None
-    make_iter = lambda seed: iter(pipelines.stage1_dataset(
+    make_iter = lambda seed, shard=own: iter(pipelines.stage1_dataset(
         train_src, window=d.window, stride=d.stride, batch_size=local, seed=seed,
         reference_size=size, **shard))
     test_clips = TfdsClips(test_src, size)
@@ -131,7 +131,9 @@ def make_data(config: ml_collections.ConfigDict) -> Stage1Data:
     windows = len(pipelines.stage1_windows(lengths, d.window, d.stride))
   else:
     raise ValueError(f"data.source must be 'synthetic' or 'tfds', got {d.source!r}")
-  stats_iter = make_iter(config.seed + 7_777_777)
+  # The statistics go into the (replicated) train state, so every process computes them from
+  # the same batches: shard 0 of 1, not its own shard.
+  stats_iter = make_iter(config.seed + 7_777_777, dict(shard_index=0, shard_count=1))
   stats = compute_stats([next(stats_iter) for _ in range(max(1, d.stats_batches))])
   eval_examples = synthetic.eval_windows(test_clips, d.eval_window, d.max_eval_windows)
   return Stage1Data(make_iter(config.seed), eval_examples, stats,
