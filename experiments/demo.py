@@ -209,7 +209,8 @@ def main(argv):
       print(f"(the same as: hdtf-jax {shlex.join(cmd[3:])})")
       demo.run("generate", cmd, check_done=False)
     from hdtf_jax import evaluation
-    evaluation.video_strip_png(video, gen_dir / "astronaut_strip.png")
+    # Six frames, 104 px high: the README's picture (docs/demo_strip.png) is this file.
+    evaluation.video_strip_png(video, gen_dir / "astronaut_strip.png", count=6, height=104)
 
   timings = demo.save_timings()
   print(f"\nDemo finished in {time.time() - started:.0f} s.")

@@ -150,7 +150,7 @@ def test_strip_and_rerun_skips_finished_steps(demo):
   strip = work / "generate" / "astronaut_strip.png"
   import cv2
   img = cv2.imread(str(strip))
-  assert img is not None and img.shape[0] == 128 + 4 and img.shape[1] > 5 * 128
+  assert img is not None and img.shape[0] == 104 + 4 and img.shape[1] == 6 * (104 + 2) + 2
   timings = json.loads((work / "demo_timings.json").read_text())
   assert {"source", "stage1 train", "stage2 train", "evaluate", "generate"} <= set(timings)
   mp4 = work / "generate" / "astronaut.mp4"
