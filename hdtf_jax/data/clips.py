@@ -6,9 +6,11 @@ Steps, in order (cheap checks first, so a bad clip fails fast):
      after the end, or ending more than `end_tolerance_s` after it -> `range_past_end`
      (a smaller overrun is clamped);
   3. crop box (x, w, y, h) in source pixels: the listed `crop_wh` row when the raw video's height
-     equals the listed resolution; otherwise the union of the face-mesh boxes over the clip
-     (tracked on the raw frames at `box_fps`), enlarged by the clip's `crop_ratio` (default
-     `default_crop_ratio`), made square and clamped inside the frame;
+     equals the listed resolution; otherwise the union of the face-mesh boxes over the clip,
+     enlarged by the clip's `crop_ratio` (default `default_crop_ratio`), made square and
+     clamped inside the frame. The union is estimated from a subsample (`landmark_box`:
+     `box_fps`, reference frames only, at most `box_height` rows, plus `box_margin`), within a
+     few pixels of the union over every frame at full size, for a fraction of a full decode;
   4. decode the clip once, cut, resampled to `fps`, cropped and resized by ffmpeg, and in the
      same pass: track the 468-point mesh (detect once, then follow), JPEG-encode the frames
      (or only `reference_frames` evenly spaced ones) -> `no_face` when fewer than
@@ -45,7 +47,7 @@ from hdtf_jax import audio as audio_lib
 from hdtf_jax import media
 from hdtf_jax.data.hdtf_lists import ClipEntry, check_name
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov", ".m4v", ".avi", ".flv", ".ts")
 SKIP_REASONS = {
     "unsafe_name": "the video name could resolve outside the raw-video folder",
@@ -80,6 +82,10 @@ class ClipConfig:
   sample_rate, feature_fps: waveform rate and audio-feature rate (`hdtf_jax.audio`).
   default_crop_ratio: landmark-box enlargement when a clip has no crop_ratio row.
   box_fps: frame rate of the raw-frame pass that finds the landmark union box.
+  box_height: that pass decodes taller videos scaled down to this many rows (faces in HDTF's
+    720p/1080p videos stay hundreds of pixels tall; the mesh sees a 192-px crop anyway).
+  box_margin: the sampled union box grows by this fraction of its longer side on every side
+    (frames between samples may reach a little further).
   end_tolerance_s: a range may end this far past the video's end (clamped), no further.
   min_face_fraction: fewer frames with a face than this fraction -> skipped as `no_face`.
   min_detection_score: detector threshold (raw frames use the full-range detector).
@@ -98,6 +104,8 @@ class ClipConfig:
   feature_fps: float = 100.0
   default_crop_ratio: float = 1.2
   box_fps: float = 5.0
+  box_height: int = 540
+  box_margin: float = 0.01
   end_tolerance_s: float = 1.0
   min_face_fraction: float = 0.5
   min_detection_score: float = 0.7
@@ -106,12 +114,15 @@ class ClipConfig:
   deinterlace: bool = False
 
   def __post_init__(self):
-    for name in ("frame_size", "reference_size", "sample_rate", "fit_size", "fit_bucket"):
+    for name in ("frame_size", "reference_size", "sample_rate", "fit_size", "fit_bucket",
+                 "box_height"):
       if int(getattr(self, name)) <= 0:
         raise ValueError(f"ClipConfig.{name} must be positive, got {getattr(self, name)}")
     for name in ("fps", "feature_fps", "box_fps", "default_crop_ratio"):
       if not getattr(self, name) > 0:
         raise ValueError(f"ClipConfig.{name} must be positive, got {getattr(self, name)}")
+    if not self.box_margin >= 0:
+      raise ValueError(f"ClipConfig.box_margin must be >= 0, got {self.box_margin}")
     if not 1 <= self.jpeg_quality <= 100:
       raise ValueError(f"ClipConfig.jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
     if self.reference_frames < 1:
@@ -278,32 +289,60 @@ def probe(path: Path, entry: ClipEntry, config: ClipConfig) -> tuple[dict[str, A
   return info, start, end
 
 
+# ffmpeg input options of the box pass: decode reference frames only. Nothing depends on a
+# non-reference frame, so skipping them never damages the rest (decoders without the option,
+# e.g. some VP9/AV1 ones, just decode everything); a sample then lands on the nearest kept frame.
+BOX_DECODE_OPTIONS = ("-skip_frame", "noref")
+
+
 def landmark_box(path: Path, start: float, end: float, info: Mapping[str, Any], ratio: float,
                  config: ClipConfig, tools: ClipTools, progress: ProgressFn = _noop_progress
                  ) -> tuple[int, int, int, int]:
-  """Union of the mesh boxes over the clip (raw frames at `box_fps`), squared and enlarged."""
+  """Union of the mesh boxes over the clip, squared and enlarged by `ratio`.
+
+  The union comes from a subsample: frames at `box_fps`, picked among the reference frames
+  only (`BOX_DECODE_OPTIONS`) and scaled to at most `box_height` rows, tracked (detect, then
+  follow) with the full-range detector; it grows by `box_margin` of its longer side on every
+  side for the frames in between. tests/test_clips.py compares it with the union over every
+  frame at full size.
+  """
   from hdtf_jax.face.landmarks import track_video
   total = audio_lib.num_frames(end - start, config.box_fps)
+  width, height = info["width"], info["height"]
+  size = None
+  if height > config.box_height:
+    size = (config.box_height, max(2, 2 * round(width * config.box_height / height / 2)))
 
-  def frames():
-    for i, frame in enumerate(media.iter_video_frames(path, fps=config.box_fps, start_s=start,
-                                                      end_s=end, deinterlace=config.deinterlace)):
+  def frames(options):
+    it = media.iter_video_frames(path, fps=config.box_fps, start_s=start, end_s=end, size=size,
+                                 scale_flags="area", deinterlace=config.deinterlace,
+                                 decode_options=options, source_info=dict(info))
+    for i, frame in enumerate(it):
       progress("box", i + 1, total)
       yield frame
 
-  try:
-    track = track_video(frames(), tools.raw_landmarker, fps=config.box_fps, smoothing=None,
-                        source=str(path))
-  except media.FFmpegError as e:
-    raise ClipSkipped("corrupt_video", str(e)) from None
-  except ValueError as e:  # no frames at all
-    raise ClipSkipped("range_past_end", str(e)) from None
+  track = None
+  for options in (BOX_DECODE_OPTIONS, ()):  # a range holding no reference frame: decode all
+    try:
+      track = track_video(frames(options), tools.raw_landmarker, fps=config.box_fps,
+                          smoothing=None, source=str(path))
+      break
+    except media.FFmpegError as e:
+      raise ClipSkipped("corrupt_video", str(e)) from None
+    except ValueError as e:  # no frames at all
+      if options == ():
+        raise ClipSkipped("range_past_end", str(e)) from None
   if not track.found.any():
     raise ClipSkipped("no_face", f"no face in {track.found.size} frames of {path.name} sampled at "
                                  f"{config.box_fps:g} fps over {start:g}-{end:g} s")
-  b = track.boxes[track.found]
-  return square_box(b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max(), ratio,
-                    info["width"], info["height"])
+  b = track.boxes[track.found].astype(np.float64)
+  if size is not None:  # back to source pixels (pixel centres at integers in both)
+    sx, sy = size[1] / width, size[0] / height
+    b = (b + 0.5) / np.array([sx, sy, sx, sy]) - 0.5
+  x0, y0 = b[:, 0].min(), b[:, 1].min()
+  x1, y1 = b[:, 2].max(), b[:, 3].max()
+  m = config.box_margin * max(x1 - x0, y1 - y0)
+  return square_box(x0 - m, y0 - m, x1 + m, y1 + m, ratio, width, height)
 
 
 def choose_crop(path: Path, entry: ClipEntry, start: float, end: float, info: Mapping[str, Any],
@@ -319,12 +358,13 @@ def choose_crop(path: Path, entry: ClipEntry, start: float, end: float, info: Ma
 
 def track_crops(path: Path, start: float, end: float, box: tuple[int, int, int, int],
                 num_frames: int, config: ClipConfig, tools: ClipTools,
-                progress: ProgressFn = _noop_progress) -> dict[str, Any]:
+                progress: ProgressFn = _noop_progress,
+                source_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """One decode pass over the cropped clip: mesh track + JPEG frames (or reference frames).
 
   Returns landmarks (T, 468, 3) normalised, found (T,), frames (list of JPEG bytes or None) and
   reference_frames (list of JPEG bytes) with exactly `num_frames` = T frames (a decoder that
-  comes up a frame or two short repeats the last one).
+  comes up a frame or two short repeats the last one). `source_info`: the file's probe, if known.
   """
   from hdtf_jax.face.landmarks import track_video
   size = config.decode_size
@@ -335,7 +375,8 @@ def track_crops(path: Path, start: float, end: float, box: tuple[int, int, int, 
 
   def stream() -> Iterator[np.ndarray]:
     it = media.iter_video_frames(path, fps=config.fps, size=size, start_s=start, end_s=end,
-                                 crop=box, deinterlace=config.deinterlace, scale_flags=flags)
+                                 crop=box, deinterlace=config.deinterlace, scale_flags=flags,
+                                 source_info=source_info)
     for i, frame in enumerate(it):
       if i >= num_frames:
         it.close()
@@ -434,7 +475,7 @@ def process_clip(entry: ClipEntry, raw_dir: str | os.PathLike, config: ClipConfi
   info, start, end = probe(path, entry, config)
   t = audio_lib.num_frames(end - start, config.fps)
   box, method = choose_crop(path, entry, start, end, info, config, tools, progress)
-  track = track_crops(path, start, end, box, t, config, tools, progress)
+  track = track_crops(path, start, end, box, t, config, tools, progress, source_info=info)
   found = track["found"]
   if found.mean() < config.min_face_fraction:
     raise ClipSkipped("no_face", f"a face in {int(found.sum())} of {t} frames of the "
