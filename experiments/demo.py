@@ -111,13 +111,14 @@ def _overrides(step: str) -> list[str]:
 
 
 def held_out_audio(source: Path, data: Path, out_wav: Path) -> Path:
-  """The audio of the first held-out clip (`hdtf/params` test split) from its raw demo video."""
+  """The audio of the longest held-out clip (`hdtf/params` test split) from its raw demo video."""
   import tensorflow_datasets as tfds
   from hdtf_jax import media
   from hdtf_jax.data import pipelines
   test = tfds.data_source("hdtf/params", split="test", data_dir=str(data))
   reader = pipelines.ClipReader(test, ("clip", "video", "start_s", "end_s"))
-  clips = sorted((reader[i] for i in range(len(reader))), key=lambda c: c["clip"])
+  clips = sorted((reader[i] for i in range(len(reader))),
+                 key=lambda c: (-(float(c["end_s"]) - float(c["start_s"])), c["clip"]))
   for clip in clips:
     video = source / f"{clip['video']}.mp4"
     if video.exists():
