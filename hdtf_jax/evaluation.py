@@ -196,7 +196,6 @@ def evaluate_pipeline(models: gen.Models, data_dir: str | None, tfds_name: str |
   """The full pipeline on the held-out clips (module docstring). Returns {clips: [per clip],
   stage1: {system: metrics}, stage2: {system: metrics}, ...} plus `_arrays` for the plots."""
   from hdtf_jax.data import pipelines
-  from hdtf_jax.train import stage2
   c2 = models.stage2_config
   tfds_name = tfds_name or c2.data.tfds_name
   source = test_source(data_dir, tfds_name)
