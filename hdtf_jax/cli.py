@@ -55,7 +55,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                  help="face-box enlargement of the crop (the dataset's default)")
   p.add_argument("--min-face-px", type=float, default=gen.MIN_FACE_PX,
                  help="refuse faces smaller than this (pixels, longest side)")
-  p.add_argument("--batch-size", type=int, default=8, help="G_vid frames per jitted call")
+  p.add_argument("--batch-size", type=int, default=None,
+                 help=f"G_vid frames per jitted call (default {gen.BATCH_CPU} on CPU, "
+                      f"{gen.BATCH_ACCELERATOR} on GPU/TPU)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p
 

@@ -60,7 +60,10 @@ MUX_RATE = 48000            # the sound track's rate in the mp4 (AAC frames of 2
 MIN_FACE_PX = 128           # faces smaller than this (mesh box, longest side) are refused
 DEFAULT_SMOOTHING_S = 0.02  # Gaussian sigma over time of the driving tracks, seconds
 TRACK_SIZE = 512            # `--pose-from` videos are analysed at this longest side
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# G_vid frames per jitted call: on CPU one frame per call measured fastest (128 px: 15 vs 11
+# frames/s at batch 8, `python -m benchmarks.generate`: big batches leave the caches), on an
+# accelerator batches fill the device.
+BATCH_CPU, BATCH_ACCELERATOR = 1, 8
 
 
 class GenerateError(ValueError):
@@ -531,16 +534,21 @@ def _renderer(config):
   return _RENDERERS[key]
 
 
-def render(models: Models, reference: Reference, drv_params: Mapping[str, np.ndarray], *,
-           batch_size: int = 8) -> Iterator[np.ndarray]:
-  """uint8 frames (S, S, 3), one per driving frame, in order. G_vid runs on fixed batches of
-  `batch_size` (the last padded: one compiled shape); batch k + 1 is dispatched before batch
-  k is handed out, so the device works while the caller encodes."""
+def default_batch_size() -> int:
   import jax
+  return BATCH_CPU if jax.default_backend() == "cpu" else BATCH_ACCELERATOR
+
+
+def render(models: Models, reference: Reference, drv_params: Mapping[str, np.ndarray], *,
+           batch_size: int | None = None) -> Iterator[np.ndarray]:
+  """uint8 frames (S, S, 3), one per driving frame, in order. G_vid runs on fixed batches of
+  `batch_size` (default `default_batch_size()`; the last batch padded: one compiled shape);
+  batch k + 1 is dispatched before batch k is handed out, so the device works while the
+  caller encodes."""
   from hdtf_jax.train import mesh as mesh_lib
   fn, mesh = _renderer(models.stage2_config)
   shards = mesh_lib.num_batch_shards(mesh)
-  b = -(-max(1, batch_size) // shards) * shards
+  b = -(-max(1, batch_size or default_batch_size()) // shards) * shards
   t = int(np.shape(drv_params["pose"])[0])
   size = models.image_size
   if reference.image.shape != (size, size, 3):
@@ -691,7 +699,7 @@ def generate_video(image: Any, audio_path: str | os.PathLike | None, out_path: s
                    eyebrow_scale: float = 1.0, keep_head_still: bool = False,
                    smoothing: float = DEFAULT_SMOOTHING_S, pose_from: str | None = None,
                    params_from: str | None = None, paste_back: bool = False,
-                   preview: bool = False, batch_size: int = 8,
+                   preview: bool = False, batch_size: int | None = None,
                    crop_ratio: float = DEFAULT_CROP_RATIO, min_face_px: float = MIN_FACE_PX,
                    crf: int = 18, encoder_preset: str = "medium", progress: bool = False,
                    reference: Reference | None = None) -> dict:
@@ -755,6 +763,7 @@ def generate_video(image: Any, audio_path: str | os.PathLike | None, out_path: s
   finish = PasteBack(reference) if paste_back else None
   side = Preview(models, reference) if preview else None
   timings["render_s"] = timings["encode_s"] = 0.0
+  batch_size = batch_size or default_batch_size()
   from tqdm.auto import tqdm
   writer = media.VideoWriter(out, fps, audio=mux, audio_rate=MUX_RATE, crf=crf,
                              preset=encoder_preset)
