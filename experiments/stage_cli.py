@@ -8,7 +8,9 @@ file or a non-finite loss ends with one line on stderr and exit status 1.
 """
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from types import ModuleType
 
 from absl import app, flags, logging
@@ -17,11 +19,52 @@ from ml_collections import config_flags
 from hdtf_jax.train import mesh as mesh_lib
 
 MODES = ("train", "eval")
+# Config sections a checkpoint's parameter tree depends on: resuming or evaluating a workdir with
+# different values would fail deep inside orbax (tree mismatch) or silently mix two models.
+MODEL_SECTIONS = ("model", "flow")
+
+
+class WorkdirMismatch(ValueError):
+  """The workdir holds a run made with other model settings than the given config."""
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+  return out
+
+
+def check_workdir_config(config, workdir: str | Path, name: str = "") -> None:
+  """Raise WorkdirMismatch (one line) when `workdir/config.json`, saved by an earlier training run,
+  names other model settings than `config`: a preset or override changed since that run."""
+  path = Path(workdir) / "config.json"
+  prefix = f"{name}: " if name else ""
+  if not path.is_file():
+    return
+  try:
+    saved = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise WorkdirMismatch(f"{prefix}{path} is unreadable ({e}); move it away or use another workdir")
+  now = json.loads(config.to_json_best_effort())
+  diffs = []
+  for section in MODEL_SECTIONS:
+    a, b = _flatten(saved.get(section, {}), section), _flatten(now.get(section, {}), section)
+    diffs += [f"{k}={a.get(k)!r} (now {b.get(k)!r})" for k in sorted(set(a) | set(b))
+              if a.get(k) != b.get(k)]
+  if diffs:
+    shown = ", ".join(diffs[:4]) + (f" and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+    raise WorkdirMismatch(f"{prefix}{workdir} was trained with {shown}; pass the same preset "
+                          "and overrides, or use another workdir")
 
 
 def run(stage: ModuleType, config, workdir: str, mode: str = "train",
         step: int | None = None) -> dict:
-  """`stage.train(config, workdir)` or `stage.evaluate_checkpoint(config, workdir, step=step)`."""
+  """`stage.train(config, workdir)` or `stage.evaluate_checkpoint(config, workdir, step=step)`,
+  after checking that the workdir's earlier run used the same model settings."""
+  check_workdir_config(config, workdir)
   if mode == "train":
     return stage.train(config, workdir)
   if mode == "eval":
@@ -47,7 +90,7 @@ def main(name: str, stage: ModuleType, config_example: str) -> None:
     logging.info("%s %s, preset %s, workdir %s", name, mode.value, c.preset, workdir.value)
     try:
       run(stage, c, workdir.value, mode.value, step.value)
-    except (FileNotFoundError, FloatingPointError) as e:  # bad input or a NaN: say it in one line
+    except (FileNotFoundError, FloatingPointError, WorkdirMismatch) as e:  # say it in one line
       sys.exit(str(e) if str(e).startswith(name) else f"{name}: {e}")
 
   flags.mark_flags_as_required(["config", "workdir"])
