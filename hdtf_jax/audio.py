@@ -224,9 +224,10 @@ def mfcc(wave: Any, config: AudioFeatureConfig = AudioFeatureConfig()) -> np.nda
 
 
 def warm_up(config: "AudioFeatureConfig | None" = None) -> None:
-  """Compiles librosa's numba kernels (pYIN) once in this process.
+  """Compiles the numba kernels of the features (our pYIN loops, librosa's helpers) once in
+  this process.
 
-  librosa caches its numba kernels on disk (`cache=True`). Several processes
+  Both cache their numba kernels on disk (`cache=True`). Several processes
   compiling them for the first time at once (a fresh install, a process pool)
   race on that cache, and a process can load a half-written entry and crash
   with a segmentation fault. Calling this in the parent before starting
