@@ -94,8 +94,11 @@ def clip_breakdown(path: Path, entry, config, tools, repeats: int) -> dict:
   box, method = clips.choose_crop(path, entry, start, end, info, config, tools)
   r = {"clip": entry.name, "frames": t, "size": f"{info['width']}x{info['height']}",
        "crop": method}
-  r["wall_s"], ex = _timed(lambda: clips.process_clip(entry, path.parent, config, tools),
-                           repeats, "e2e")
+  def e2e():
+    clips.clear_probe_cache()  # as for a video's first clip
+    return clips.process_clip(entry, path.parent, config, tools)
+
+  r["wall_s"], ex = _timed(e2e, repeats, "e2e")
   r["cpu_s"] = CPU_TIMES["e2e"]
   r["frames_per_s"] = t / r["wall_s"]
   r["frames_per_cpu_s"] = t / r["cpu_s"]

@@ -307,3 +307,20 @@ def test_landmark_box_from_a_subsample_matches_the_full_rate_box(raw_dir):
     assert box[1] == box[3] and abs(box[1] - side) <= max(2, 0.03 * side), (path.name, box, ref)
     np.testing.assert_allclose(np.array(box)[[0, 2]], np.array(ref)[[0, 2]],
                                atol=max(2, 0.02 * side), err_msg=path.name)
+
+
+def test_probe_is_kept_per_file_until_it_changes(raw_dir, monkeypatch):
+  calls = []
+  real = media.probe_video
+  monkeypatch.setattr(media, "probe_video", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+  clips.clear_probe_cache()
+  path = raw_dir / "Face1.mp4"
+  first, _, _ = clips.probe(path, entry(), CONFIG)
+  first["width"] = -1  # callers get copies: editing one does not change the kept probe
+  again, _, end = clips.probe(path, entry(name="Face1_1", start=0.5, end=1.4), CONFIG)
+  assert len(calls) == 1 and again["width"] == W and end == pytest.approx(1.4)
+  stat = path.stat()
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a replaced file
+  clips.probe(path, entry(), CONFIG)
+  assert len(calls) == 2
+  clips.clear_probe_cache()

@@ -269,10 +269,25 @@ class ClipTools:
 # ----------------------------------------------------------------------------- the steps
 
 
+@functools.lru_cache(maxsize=16)
+def _probe_file(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+  del mtime_ns, size  # cache key only: a replaced file is probed again
+  return media.probe_video(path, exact_frame_count=False)
+
+
+def clear_probe_cache() -> None:
+  """Forgets the probes kept for the videos this process has seen (benchmarks call it)."""
+  _probe_file.cache_clear()
+
+
 def probe(path: Path, entry: ClipEntry, config: ClipConfig) -> tuple[dict[str, Any], float, float]:
-  """Source info and the clip's (start_s, end_s), end clamped to the video; or ClipSkipped."""
+  """Source info and the clip's (start_s, end_s), end clamped to the video; or ClipSkipped.
+
+  The probe of a file is kept per process (HDTF videos hold several clips, and a worker often
+  gets more than one of a video): one ffmpeg start fewer per further clip."""
   try:
-    info = media.probe_video(path, exact_frame_count=False)
+    st = os.stat(path)
+    info = dict(_probe_file(os.fspath(path), st.st_mtime_ns, st.st_size))
   except (media.FFmpegError, ValueError) as e:
     raise ClipSkipped("corrupt_video", str(e)) from None
   if not info["has_audio"]:
