@@ -87,17 +87,20 @@ def _check_shapes(image, grid):
 class _Taps(NamedTuple):
   """Where P sample points read: K taps each (4 bilinear corners or 1 nearest pixel).
 
-  rows:  (K, P) int32 rows of the image viewed as (N*H*W, C); always in range
-         (clamped), so gathers and scatters need no bounds checks.
-  weights: (K, P) bilinear weights, already 0 for taps outside the image.
-  inside:  (K, P) bool, the tap is inside the image (for the grid gradient).
+  rows:  K arrays (P,) of int32 rows of the image viewed as (N*H*W, C); always
+         in range (clamped), so gathers and scatters need no bounds checks.
+  weights: K arrays (P,) of bilinear weights, already 0 for taps outside the image.
+  inside:  K arrays (P,) of bool, the tap is inside the image (for the grid gradient).
+  (Tuples, not stacked (K, P) arrays: on XLA:CPU a stack is a concatenate
+  fusion that runs on one thread; for C=3 the backward spent a third of its
+  time building the three stacks.)
   fx, fy:  (P,) fractional parts of the pixel coordinates (bilinear only).
   dpx, dpy: (P,) d(pixel coordinate)/d(normalised coordinate), 0 where
          "border" clamps.
   """
-  rows: jax.Array
-  weights: jax.Array
-  inside: jax.Array
+  rows: tuple
+  weights: tuple
+  inside: tuple
   fx: jax.Array
   fy: jax.Array
   dpx: jax.Array
@@ -134,8 +137,7 @@ def _taps(points, hw_out: int, h: int, w: int, mode: str, padding_mode: str,
     # jnp.round rounds half to even, like PyTorch's nearbyint.
     row, inside = tap(jnp.round(px).astype(jnp.int32), jnp.round(py).astype(jnp.int32))
     zero = jnp.zeros_like(px)
-    return _Taps(row[None], inside[None].astype(px.dtype), inside[None], zero, zero, zero,
-                 zero)
+    return _Taps((row,), (inside.astype(px.dtype),), (inside,), zero, zero, zero, zero)
   x0f, y0f = jnp.floor(px), jnp.floor(py)
   fx, fy = px - x0f, py - y0f
   x0, y0 = x0f.astype(jnp.int32), y0f.astype(jnp.int32)
@@ -147,13 +149,13 @@ def _taps(points, hw_out: int, h: int, w: int, mode: str, padding_mode: str,
       rows.append(row)
       insides.append(inside)
       weights.append(jnp.where(inside, wx * wy, 0))
-  return _Taps(jnp.stack(rows), jnp.stack(weights), jnp.stack(insides), fx, fy, dpx, dpy)
+  return _Taps(tuple(rows), tuple(weights), tuple(insides), fx, fy, dpx, dpy)
 
 
 def _gather_mix(rows, taps: _Taps):
   """sum_k weights[k] * rows[taps.rows[k]] -> (P, C): whole C-vectors per gather."""
   out = None
-  for k in range(taps.rows.shape[0]):
+  for k in range(len(taps.rows)):
     term = rows.at[taps.rows[k]].get(mode="promise_in_bounds") * taps.weights[k][:, None]
     out = term if out is None else out + term
   return out
@@ -188,6 +190,9 @@ def _forward(rows, points, hw_out: int, h: int, w: int, mode: str, padding_mode:
 # Accelerators take all points in one step: many small steps would be many
 # small kernel launches there.
 _BACKWARD_STEP_ELEMENTS = 16 * 1024
+# Up to this many channels the CPU backward forms the grid gradient's dot
+# products as unrolled multiply-adds instead of a batched matrix product.
+_SMALL_C = 8
 
 
 def _grid_cotangent(s, taps: _Taps):
@@ -233,18 +238,21 @@ def _backward_in_steps(rows, points, gout, *, hw_out: int, h: int, w: int, mode:
   def add_points(carry, start, size):
     d_rows, d_points = carry
     g = lax.dynamic_slice_in_dim(gout, start, size)
-    taps = _Taps(*(lax.dynamic_slice_in_dim(x, start, size, axis=x.ndim - 1)
-                   for x in all_taps))
-    for k in range(taps.rows.shape[0]):
+    taps = jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, start, size), all_taps)
+    for k in range(len(taps.rows)):
       d_rows = d_rows.at[taps.rows[k]].add(g * taps.weights[k][:, None],
                                            mode="promise_in_bounds")
     if bilinear:
       values = [rows.at[taps.rows[k]].get(mode="promise_in_bounds") for k in range(4)]
-      if cpu:
-        dots = jnp.einsum("pkc,pc->kp", jnp.stack(values, axis=1), g)
+      if cpu and c > _SMALL_C:
+        dots = list(jnp.einsum("pkc,pc->kp", jnp.stack(values, axis=1), g))
+      elif cpu:
+        # A few channels: a batched matrix product of (4, C) x (C,) blocks is
+        # mostly overhead; unrolled multiply-adds are one loop per corner.
+        dots = [sum(v[:, j] * g[:, j] for j in range(c)) for v in values]
       else:
-        dots = jnp.stack([jnp.sum(v * g, axis=1) for v in values])
-      dots = jnp.where(taps.inside, dots, 0)
+        dots = [jnp.sum(v * g, axis=1) for v in values]
+      dots = [jnp.where(inside, d, 0) for inside, d in zip(taps.inside, dots)]
       d_points = lax.dynamic_update_slice_in_dim(
           d_points, _grid_cotangent(dots, taps), start, axis=0)
     return d_rows, d_points

@@ -186,11 +186,13 @@ def test_gradients_when_the_backward_takes_many_steps(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
-def test_accelerator_backward_matches_cpu_backward(mode):
+@pytest.mark.parametrize("c", [5, W._SMALL_C + 4])
+def test_accelerator_backward_matches_cpu_backward(mode, c):
   # Accelerators run the backward in one step with multiply+reduce dots; only
-  # the CPU variant runs in the tests above, so compare the two here.
+  # the CPU variant runs in the tests above, so compare the two here, for both
+  # CPU forms of the dots (unrolled for a few channels, batched matmul beyond).
   rng = np.random.default_rng(10)
-  n, h, w, c = 2, 6, 7, 5
+  n, h, w = 2, 6, 7
   rows = jnp.asarray(rng.normal(size=(n * h * w, c)), jnp.float32)
   points = jnp.asarray(random_grid(rng, n, 4, 3).reshape(-1, 2), jnp.float32)
   gout = jnp.asarray(rng.normal(size=(points.shape[0], c)), jnp.float32)
