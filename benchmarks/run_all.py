@@ -140,6 +140,8 @@ def warp_figures(r: dict) -> list[dict]:
     alt = ""
     if row.get("torch_ms") is not None:
       alt = f"PyTorch `grid_sample` {_f(row['torch_ms'])} ms (ours {_f(row.get('speedup_vs_torch'))}x)"
+      if row.get("floor_bound") is not None:  # torch / copy: the most any sampler could reach
+        alt += f"; copy-floor bound {_f(row['floor_bound'])}x"
     elif no_torch:
       alt = no_torch
     out.append(_fig(f"grid_sample {row['pass']}, {row['shape']}", value, alt))

@@ -95,5 +95,7 @@ def test_readme_merge_keeps_full_figures_and_adds_quick_ones(summary):
 def test_real_readme_has_one_marked_table_that_merges(summary):
   text = (ROOT / "README.md").read_text()
   out = run_all.update_readme_text(text, summary)
-  assert "| grid_sample fwd+bwd, 8x256x256x64 | 375 ms |" in out  # untouched full figure
+  row = next(line for line in text.splitlines()
+             if line.startswith("| grid_sample fwd+bwd, 8x256x256x64 |"))
+  assert row in out  # untouched full figure (the fake summary has no such row)
   assert "| stage-1 train step, tiny B=4 T=64 | 112 steps/s" in out
