@@ -96,8 +96,9 @@ def run_infer(size: int, dtype: str, batch: int, repeats: int) -> dict:
           "peak_memory_mb": _peak_memory_mb()}
 
 
-def run_train(size: int, dtype: str, batch: int, repeats: int) -> dict:
-  import time
+def train_case(size: int, dtype: str, batch: int):
+  """(config, program, state, sharded batch, VGG variables) of one stage-2 train step on random
+  images and parameter pairs of the default model's mean face (also used by benchmarks/profile)."""
   import numpy as np
   from hdtf_jax.data import synthetic_video
   from hdtf_jax.face import morphable
@@ -123,6 +124,12 @@ def run_train(size: int, dtype: str, batch: int, repeats: int) -> dict:
               "ref_params": {k: v[:batch] for k, v in params.items()},
               "drv_params": {k: v[batch:] for k, v in params.items()}}
   sharded = mesh_lib.shard_batch(batch_np, mesh)
+  return c, prog, state, sharded, vgg_vars
+
+
+def run_train(size: int, dtype: str, batch: int, repeats: int) -> dict:
+  import time
+  c, prog, state, sharded, vgg_vars = train_case(size, dtype, batch)
   t0 = time.perf_counter()
   compiled = prog.step.lower(state, sharded, vgg_vars).compile()
   compile_s = time.perf_counter() - t0
