@@ -161,17 +161,7 @@ class FrameScorer:
     from hdtf_jax.train import stage2
     self.truth, self.lmd = truth, lmd
     self.cpbd = cpbd and min(truth.shape[1:3]) >= 64
-    self.mouth = stage2.mouth_points() if lmd else None
-    self.truth_points = [self._points(x) for x in truth] if lmd else None
-
-  @staticmethod
-  def _u8(x: np.ndarray) -> np.ndarray:
-    return x if x.dtype == np.uint8 else (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-  def _points(self, image: np.ndarray):
-    from hdtf_jax.train import stage2
-    found = stage2._landmarker().detect_landmarks(self._u8(image))
-    return None if found is None else found.points[self.mouth, :2]
+    self.truth_points = stage2.mouth_landmarks(truth) if lmd else None
 
   def __call__(self, pred: np.ndarray, static: bool = False) -> dict[str, float]:
     """pred: (T, S, S, 3) frames (uint8 or [0, 1]), or with `static` one frame for all."""
@@ -184,10 +174,8 @@ class FrameScorer:
       values = [metrics.cpbd(f, data_range=1.0) for f in ([x] if static else x)]
       out["cpbd"] = float(np.mean(values))
     if self.lmd:
-      mine = [self._points(x)] * len(self.truth) if static else [self._points(f) for f in x]
-      d = [float(metrics.landmark_distance(a, b)) for a, b in zip(mine, self.truth_points)
-           if a is not None and b is not None]
-      out["lmd"], out["lmd_pairs"] = (float(np.mean(d)) if d else float("nan")), len(d)
+      mine = stage2.mouth_landmarks([x]) * len(self.truth) if static else stage2.mouth_landmarks(x)
+      out["lmd"], out["lmd_pairs"] = stage2.mouth_lmd_of_points(mine, self.truth_points)
     return out
 
 

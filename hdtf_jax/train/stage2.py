@@ -444,17 +444,30 @@ def mouth_points() -> np.ndarray:
   return np.asarray(morphable.default_model().regions["mouth"])
 
 
+def mouth_landmarks(frames) -> list[np.ndarray | None]:
+  """The face mesh's mouth points (pixels, (K, 2)) of each frame (uint8, or float in [0, 1]);
+  None where no face is found. Computed once per frame set, so several systems can be scored
+  against the same true frames (`hdtf_jax.evaluation`)."""
+  lm, idx = _landmarker(), mouth_points()
+  out = []
+  for x in frames:
+    u8 = x if x.dtype == np.uint8 else (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
+    found = lm.detect_landmarks(u8)
+    out.append(None if found is None else found.points[idx, :2])
+  return out
+
+
+def mouth_lmd_of_points(pred_points: Sequence, true_points: Sequence) -> tuple[float, int]:
+  """Mean mouth-landmark distance over the pairs where both have points, and how many pairs."""
+  dists = [float(metrics.landmark_distance(a, b)) for a, b in zip(pred_points, true_points)
+           if a is not None and b is not None]
+  return (float(np.mean(dists)) if dists else float("nan")), len(dists)
+
+
 def mouth_lmd(pred: np.ndarray, true: np.ndarray) -> tuple[float, int]:
   """Mean mouth-landmark distance (pixels of these frames) over the pairs where the face mesh is
   found in both the predicted and the true frame, and how many pairs that is."""
-  lm, idx = _landmarker(), mouth_points()
-  to_u8 = lambda x: (np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8)
-  dists = []
-  for p, t in zip(pred, true):
-    a, b = lm.detect_landmarks(to_u8(p)), lm.detect_landmarks(to_u8(t))
-    if a is not None and b is not None:
-      dists.append(float(metrics.landmark_distance(a.points[idx, :2], b.points[idx, :2])))
-  return (float(np.mean(dists)) if dists else float("nan")), len(dists)
+  return mouth_lmd_of_points(mouth_landmarks(pred), mouth_landmarks(true))
 
 
 @jax.jit
