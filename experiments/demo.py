@@ -115,15 +115,18 @@ def held_out_audio(source: Path, data: Path, out_wav: Path) -> Path:
   import tensorflow_datasets as tfds
   from hdtf_jax import media
   from hdtf_jax.data import pipelines
+  from hdtf_jax.data.clips import ClipSkipped, find_video
   test = tfds.data_source("hdtf/params", split="test", data_dir=str(data))
   reader = pipelines.ClipReader(test, ("clip", "video", "start_s", "end_s"))
   clips = sorted((reader[i] for i in range(len(reader))),
                  key=lambda c: (-(float(c["end_s"]) - float(c["start_s"])), c["clip"]))
   for clip in clips:
-    video = source / f"{clip['video']}.mp4"
-    if video.exists():
-      return media.extract_audio(video, out_wav, start_s=float(clip["start_s"]),
-                                 end_s=float(clip["end_s"]))
+    try:
+      video = find_video(source, str(clip["video"]))
+    except ClipSkipped:  # not in this manual_dir: try the next clip
+      continue
+    return media.extract_audio(video, out_wav, start_s=float(clip["start_s"]),
+                               end_s=float(clip["end_s"]))
   raise SystemExit(f"demo: no raw video in {source} for the held-out clips "
                    f"{[c['clip'] for c in clips]}")
 
