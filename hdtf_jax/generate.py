@@ -329,15 +329,11 @@ def crop_landmarks(crop: np.ndarray, points_in_crop: np.ndarray, name: str) -> n
 
 def fit_reference(points_px: np.ndarray, size: int, face_model) -> dict[str, np.ndarray]:
   """3DMM fit of one crop's mesh (pixels at crop side `size`) -> normalised parameters, the
-  same conversion as `clips.fit_params`."""
+  dataset's conversion (`clips.normalised_fit`)."""
   from hdtf_jax.face import fitting
-  result = fitting.fit_image(face_model, points_px)
-  pose = np.asarray(result.pose, np.float32)[0].copy()
-  pose[3:5] = (pose[3:5] + 0.5) / size
-  return {"shape": np.asarray(result.shape, np.float32),
-          "scale": np.float32(np.asarray(result.scale) / size),
-          "mouth": np.asarray(result.mouth, np.float32)[0],
-          "eyebrow": np.asarray(result.eyebrow, np.float32)[0], "pose": pose}
+  params = clips.normalised_fit(fitting.fit_image(face_model, points_px), size)
+  params.update({k: params[k][0] for k in ("mouth", "eyebrow", "pose")})
+  return params
 
 
 def prepare_reference(image: Any, models: Models, *, crop_ratio: float = DEFAULT_CROP_RATIO,

@@ -470,14 +470,22 @@ def fit_params(landmarks: np.ndarray, found: np.ndarray, config: ClipConfig,
   mask = np.concatenate([found, np.zeros(padded - t, bool)])
   result = fitting.fit_clip(tools.model, px, mask)
   size = float(config.fit_size)
-  pose = np.asarray(result.pose, np.float32)[:t].copy()
-  pose[:, 3:5] = (pose[:, 3:5] + 0.5) / size
+  params = normalised_fit(result, size)
+  params.update({k: params[k][:t] for k in ("mouth", "eyebrow", "pose")})
+  params["fit_residual"] = np.asarray(result.residual_px, np.float32)[:t] / size
+  return params
+
+
+def normalised_fit(result, size: float) -> dict[str, np.ndarray]:
+  """A `fitting` result in pixels at crop side `size` -> parameters in normalised crop units
+  (pose shifts get the +0.5 pixel-centre offset of `to_normalised`, scale / size); per-frame
+  arrays keep their frame axis. Shared by the dataset and generation's reference fit."""
+  pose = np.array(result.pose, np.float32)
+  pose[..., 3:5] = (pose[..., 3:5] + 0.5) / size
   return {"shape": np.asarray(result.shape, np.float32),
           "scale": np.float32(np.asarray(result.scale) / size),
-          "mouth": np.asarray(result.mouth, np.float32)[:t],
-          "eyebrow": np.asarray(result.eyebrow, np.float32)[:t],
-          "pose": pose,
-          "fit_residual": np.asarray(result.residual_px, np.float32)[:t] / size}
+          "mouth": np.asarray(result.mouth, np.float32),
+          "eyebrow": np.asarray(result.eyebrow, np.float32), "pose": pose}
 
 
 def process_clip(entry: ClipEntry, raw_dir: str | os.PathLike, config: ClipConfig,
