@@ -92,26 +92,12 @@ folder holding the raw videos and the official annotation lists.
 
 @dataclasses.dataclass(eq=False)
 class HdtfConfig(tfds.core.BuilderConfig):
-  """Processing settings (see `hdtf_jax.data.clips.ClipConfig` for their meaning)."""
-  frame_size: int = 512
-  store_frames: bool = True
-  fps: float = 25.0
-  jpeg_quality: int = 90
-  reference_frames: int = 4
-  reference_size: int = 256
-  sample_rate: int = 16000
-  feature_fps: float = 100.0
-  default_crop_ratio: float = 1.2
+  """A TFDS config: how each clip is processed (`hdtf_jax.data.clips.ClipConfig`, one place
+  for those settings and their meaning) plus how clips are split and built."""
+  clip: clips_lib.ClipConfig = dataclasses.field(default_factory=clips_lib.ClipConfig)
   test_fraction: float = 0.05
   seed: int = 0
   num_workers: int | None = None  # None: $HDTF_NUM_WORKERS, else min(cpu_count, 4)
-
-  def clip_config(self) -> clips_lib.ClipConfig:
-    return clips_lib.ClipConfig(
-        frame_size=self.frame_size, store_frames=self.store_frames, fps=self.fps,
-        jpeg_quality=self.jpeg_quality, reference_frames=self.reference_frames,
-        reference_size=self.reference_size, sample_rate=self.sample_rate,
-        feature_fps=self.feature_fps, default_crop_ratio=self.default_crop_ratio)
 
 
 def _bytes_tensor(shape, dtype):
@@ -126,8 +112,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL
   BUILDER_CONFIGS = [
       HdtfConfig(name="512", description="512x512 JPEG frames (the paper's resolution)."),
-      HdtfConfig(name="256", frame_size=256, description="256x256 JPEG frames."),
-      HdtfConfig(name="params", store_frames=False,
+      HdtfConfig(name="256", clip=clips_lib.ClipConfig(frame_size=256),
+                 description="256x256 JPEG frames."),
+      HdtfConfig(name="params", clip=clips_lib.ClipConfig(store_frames=False),
                  description="No frames: audio, landmarks, 3DMM parameters and 4 reference "
                              "frames at 256x256 (stage-1 training; small)."),
   ]
@@ -153,7 +140,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     from hdtf_jax.face.morphable import default_model
     model = default_model()
     cfg = self.builder_config
-    n_feat = cfg.clip_config().audio_config.num_features
+    n_feat = cfg.clip.audio_config.num_features
     features = {
         "clip": tfds.features.Text(), "video": tfds.features.Text(),
         "list_split": tfds.features.Text(), "clip_index": tfds.features.Scalar(np.int32),
@@ -174,13 +161,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         "pose": _bytes_tensor((None, 5), np.float32),
         "fit_residual": _bytes_tensor((None,), np.float32),
     }
-    if cfg.store_frames:
+    if cfg.clip.store_frames:
       features["frames"] = tfds.features.Sequence(tfds.features.Image(
-          shape=(cfg.frame_size, cfg.frame_size, 3), encoding_format="jpeg"))
+          shape=(cfg.clip.frame_size, cfg.clip.frame_size, 3), encoding_format="jpeg"))
     else:
       features["reference_frames"] = tfds.features.Sequence(tfds.features.Image(
-          shape=(cfg.reference_size, cfg.reference_size, 3), encoding_format="jpeg"),
-          length=cfg.reference_frames)
+          shape=(cfg.clip.reference_size, cfg.clip.reference_size, 3), encoding_format="jpeg"),
+          length=cfg.clip.reference_frames)
     return self.dataset_info_from_configs(
         description=_DESCRIPTION, features=tfds.features.FeaturesDict(features),
         homepage="https://github.com/MRzzm/HDTF", citation=_CITATION,
@@ -198,14 +185,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     root = (os.environ.get("HDTF_CACHE_DIR")
             or os.fspath(Path(dl_manager.download_dir) / "hdtf_clips"))
     cfg = self.builder_config
-    return Path(root) / f"{cfg.name}-{cfg.clip_config().signature()}"
+    return Path(root) / f"{cfg.name}-{cfg.clip.signature()}"
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
     raw_dir = Path(dl_manager.manual_dir)
     lists = hdtf_lists.read_lists(raw_dir)
     parts = hdtf_lists.split_clips(lists.clips, cfg.test_fraction, cfg.seed)
-    clip_cfg = cfg.clip_config()
+    clip_cfg = cfg.clip
     cache_dir = self._cache_dir(dl_manager)
     if getattr(self, "_use_beam", False):
       return self._beam_split_generators(raw_dir, cache_dir, clip_cfg, lists, parts)
@@ -231,7 +218,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     from hdtf_jax import audio as audio_lib
     audio_lib.warm_up()  # local workers then only read librosa's numba cache (no compile race)
     outcome_dir = os.fspath(epath.Path(self.data_dir) / build_lib.OUTCOMES_DIR)  # also gs://
-    drop = ("reference_frames",) if self.builder_config.store_frames else ("frames",)
+    drop = ("reference_frames",) if self.builder_config.clip.store_frames else ("frames",)
     self._beam_build = dict(raw_dir=raw_dir, cache_dir=cache_dir, clip_cfg=clip_cfg,
                             lists=lists, parts=parts, outcome_dir=outcome_dir)
     # Unlike the plain build, which splits will end up empty is only known afterwards.
@@ -254,7 +241,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     epath.Path(b["outcome_dir"]).rmtree(missing_ok=True)
 
   def _generate_examples(self, cache_dir: Path, entries: list, clip_cfg):
-    store_frames = self.builder_config.store_frames
+    store_frames = self.builder_config.clip.store_frames
     for entry in entries:
       ex = clips_lib.load_clip(build_lib.clip_path(cache_dir, entry.name),
                                build_lib.clip_signature(clip_cfg, entry))
