@@ -44,7 +44,7 @@ from hdtf_jax.audio import resample_track
 from hdtf_jax.data import synthetic
 from hdtf_jax.nn import animation, discriminators
 from hdtf_jax.nn import identity as identity_lib
-from hdtf_jax.train import checkpoints, logs, schedules
+from hdtf_jax.train import checkpoints, logs
 from hdtf_jax.train.common import FAST_COMPILE, NonFiniteLossError, alive, check_finite
 from hdtf_jax.train import common
 from hdtf_jax.train import mesh as mesh_lib
@@ -94,17 +94,10 @@ def compute_stats(batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.n
           **{f"{p}_mean": cat(TARGET_KEY[p]).mean(0).astype(np.float32) for p in PARTS}}
 
 
-def _local_batch_size(global_batch: int) -> int:
-  count = jax.process_count()
-  if global_batch % count:
-    raise ValueError(f"data.batch_size {global_batch} is not divisible by {count} processes")
-  return global_batch // count
-
-
 def make_data(config: ml_collections.ConfigDict) -> Stage1Data:
   """The source that `config.data.source` names: 'synthetic' or 'tfds' (`hdtf/params`)."""
   d = config.data
-  local = _local_batch_size(d.batch_size)
+  local = common.local_batch_size(d.batch_size, "stage 1")
   own = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
   if d.source == "synthetic":
     syn = synthetic.SyntheticConfig.from_dict(d.synthetic.to_dict())
@@ -274,10 +267,9 @@ def _program(key: str, mesh) -> Program:
   spec = json.loads(key)
   model_cfg = ml_collections.ConfigDict(spec["model"])
   loss_cfg, o = ml_collections.ConfigDict(spec["loss"]), ml_collections.ConfigDict(spec["optim"])
-  schedule = schedules.hold_then_linear_decay(o.lr, spec["hold"], spec["decay"])
-  d_schedule = schedules.hold_then_linear_decay(o.lr if o.d_lr is None else o.d_lr,
-                                                spec["hold"], spec["decay"])
-  g_tx, d_tx = optax.adam(schedule, o.b1, o.b2, o.eps), optax.adam(d_schedule, o.b1, o.b2, o.eps)
+  g_tx, schedule = common.hold_decay_adam(o.lr, o.b1, o.b2, spec["hold"], spec["decay"], o.eps)
+  d_tx, _ = common.hold_decay_adam(o.lr if o.d_lr is None else o.d_lr, o.b1, o.b2,
+                                   spec["hold"], spec["decay"], o.eps)
   gen = animation.AnimationGenerator(model_cfg)
   discs = discriminators.discriminators_from_config(model_cfg)
   dims = {p: getattr(model_cfg, f"{p}_dim") for p in PARTS}
