@@ -55,11 +55,17 @@ class SyntheticConfig:
 
   @classmethod
   def from_dict(cls, values: Any) -> "SyntheticConfig":
-    values = dict(values or {})
-    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"synthetic config: unknown keys {sorted(unknown)}")
-    return cls(**values)
+    return dataclass_from_dict(cls, values, "synthetic config")
+
+
+def dataclass_from_dict(cls, values: Any, what: str):
+  """`cls(**values)` that names unknown keys (a typo in a config override) instead of a
+  TypeError from deep inside."""
+  values = dict(values or {})
+  unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+  if unknown:
+    raise ValueError(f"{what}: unknown keys {sorted(unknown)}")
+  return cls(**values)
 
 
 def _corpus_constants(seed: int) -> dict[str, np.ndarray]:
@@ -213,38 +219,58 @@ def stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-class WindowIterator(Iterator[dict[str, np.ndarray]]):
-  """Endless random windows: batch k is a pure function of (seed, shard_index, k), so the state
-  is just k. Batches are this process's rows: dict(audio (B, W, 15), mouth (B, W, 28),
-  eyebrow (B, W, 5), pose (B, W, 5), shape (B, 60), reference_frame (B, R, R, 3), identity (B,)),
-  as `pipelines.stage1_dataset` gives them."""
+class SeededBatchIterator(Iterator[dict]):
+  """Endless batches where batch k is a pure function of (seed, shard_index, k), so the state is
+  just k (saved with checkpoints, like grain's iterator state). Subclasses give `_batch(rng)`;
+  `salt` separates the random streams of different sources."""
 
-  def __init__(self, source: SyntheticStage1Source, *, window: int, batch_size: int, seed: int,
-               shard_index: int = 0, shard_count: int = 1):
-    if window < 1 or window > source.clip_frames:
-      raise ValueError(f"synthetic: window {window} must be in [1, {source.clip_frames}] "
-                       f"(clip length at 100 fps)")
+  what = "synthetic"
+  salt = 0
+
+  def __init__(self, *, batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1):
     if batch_size < 1 or not 0 <= shard_index < shard_count:
-      raise ValueError(f"synthetic: bad batch_size {batch_size} or shard "
+      raise ValueError(f"{self.what}: bad batch_size {batch_size} or shard "
                        f"{shard_index}/{shard_count}")
-    self.source, self.window, self.batch_size = source, window, batch_size
-    self.seed, self.shard_index = seed, shard_index
+    self.batch_size, self.seed, self.shard_index = batch_size, seed, shard_index
     self._index = 0
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng([self.seed, self.shard_index, self._index, 5])
+  def _batch(self, rng: np.random.Generator) -> dict:
+    raise NotImplementedError
+
+  def __next__(self) -> dict:
+    rng = np.random.default_rng([self.seed, self.shard_index, self._index, self.salt])
     self._index += 1
-    clips = rng.integers(len(self.source), size=self.batch_size)
-    starts = rng.integers(self.source.clip_frames - self.window + 1, size=self.batch_size)
-    return stack([window(self.source[int(i)], int(s), self.window) for i, s in zip(clips, starts)])
+    return self._batch(rng)
 
   def get_state(self) -> dict[str, int]:
     return {"index": self._index}
 
   def set_state(self, state: dict[str, int]) -> None:
     if not isinstance(state, dict) or "index" not in state:
-      raise ValueError(f"synthetic iterator: state must be {{'index': int}}, got {state!r}")
+      raise ValueError(f"{self.what} iterator: state must be {{'index': int}}, got {state!r}")
     self._index = int(state["index"])
+
+
+class WindowIterator(SeededBatchIterator):
+  """Endless random windows. Batches are this process's rows: dict(audio (B, W, 15), mouth
+  (B, W, 28), eyebrow (B, W, 5), pose (B, W, 5), shape (B, 60), reference_frame (B, R, R, 3),
+  identity (B,)), as `pipelines.stage1_dataset` gives them."""
+
+  salt = 5
+
+  def __init__(self, source: SyntheticStage1Source, *, window: int, batch_size: int, seed: int,
+               shard_index: int = 0, shard_count: int = 1):
+    if window < 1 or window > source.clip_frames:
+      raise ValueError(f"synthetic: window {window} must be in [1, {source.clip_frames}] "
+                       f"(clip length at 100 fps)")
+    super().__init__(batch_size=batch_size, seed=seed, shard_index=shard_index,
+                     shard_count=shard_count)
+    self.source, self.window = source, window
+
+  def _batch(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    clips = rng.integers(len(self.source), size=self.batch_size)
+    starts = rng.integers(self.source.clip_frames - self.window + 1, size=self.batch_size)
+    return stack([window(self.source[int(i)], int(s), self.window) for i, s in zip(clips, starts)])
 
 
 def eval_windows(source, window_length: int, max_windows: int | None = None) -> list[dict]:

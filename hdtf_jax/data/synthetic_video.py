@@ -31,9 +31,11 @@ import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
+
+from hdtf_jax.data import synthetic
 
 PARAM_KEYS = ("shape", "scale", "mouth", "eyebrow", "pose")
 SPLITS = ("train", "test")
@@ -71,11 +73,7 @@ class SyntheticVideoConfig:
 
   @classmethod
   def from_dict(cls, values: Any) -> "SyntheticVideoConfig":
-    values = dict(values or {})
-    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"synthetic video config: unknown keys {sorted(unknown)}")
-    return cls(**values)
+    return synthetic.dataclass_from_dict(cls, values, "synthetic video config")
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -298,30 +296,20 @@ def stack(samples: list[dict]) -> dict:
           else np.stack([s[k] for s in samples]) for k in first}
 
 
-class PairIterator(Iterator[dict]):
-  """Endless random pairs: batch k is a pure function of (seed, shard_index, k), so the state is
-  just k. Batches are this process's rows."""
+class PairIterator(synthetic.SeededBatchIterator):
+  """Endless random pairs; batches are this process's rows."""
+
+  what = "synthetic video"
+  salt = 11
 
   def __init__(self, source: SyntheticVideoSource, *, batch_size: int, seed: int,
                shard_index: int = 0, shard_count: int = 1):
-    if batch_size < 1 or not 0 <= shard_index < shard_count:
-      raise ValueError(f"synthetic video: bad batch_size {batch_size} or shard "
-                       f"{shard_index}/{shard_count}")
-    self.source, self.batch_size, self.seed, self.shard_index = source, batch_size, seed, shard_index
-    self._index = 0
+    super().__init__(batch_size=batch_size, seed=seed, shard_index=shard_index,
+                     shard_count=shard_count)
+    self.source = source
 
-  def __next__(self) -> dict:
-    rng = np.random.default_rng([self.seed, self.shard_index, self._index, 11])
-    self._index += 1
+  def _batch(self, rng: np.random.Generator) -> dict:
     return stack([self.source.random_pair(rng) for _ in range(self.batch_size)])
-
-  def get_state(self) -> dict[str, int]:
-    return {"index": self._index}
-
-  def set_state(self, state: dict[str, int]) -> None:
-    if not isinstance(state, dict) or "index" not in state:
-      raise ValueError(f"synthetic video iterator: state must be {{'index': int}}, got {state!r}")
-    self._index = int(state["index"])
 
 
 def fixed_pairs(source: SyntheticVideoSource, count: int, seed: int = 1234) -> list[dict]:
