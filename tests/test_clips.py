@@ -93,16 +93,22 @@ def test_shapes_dtypes_and_alignment(by_crop_wh):
   np.testing.assert_allclose(ex["waveform"] / 32767.0, speech, atol=0.02)
 
 
-def test_fit_reprojects_detected_landmarks(by_crop_wh):
-  ex = by_crop_wh
-  size = 256  # report the error in pixels of a 256 crop
+def reprojection_rmse_px(ex: dict, size: int) -> np.ndarray:
+  """Per frame: RMSE in pixels of a `size` crop between the stored landmarks and the default
+  model rendered with the stored (normalised) parameters."""
   model = morphable.default_model()
   verts = morphable.vertices(model, ex["shape"], ex["mouth"], ex["eyebrow"])
   pose = ex["pose"].copy()
   pose[:, 3:5] = clips.to_pixels(pose[:, 3:5], size)
   pred = np.asarray(morphable.project(verts, pose, ex["scale"] * size))
   obs = clips.to_pixels(ex["landmarks"], size)[..., :2]
-  rmse = np.sqrt(np.mean(np.sum((pred - obs) ** 2, -1), -1))
+  return np.sqrt(np.mean(np.sum((pred - obs) ** 2, -1), -1))
+
+
+def test_fit_reprojects_detected_landmarks(by_crop_wh):
+  ex = by_crop_wh
+  size = 256  # report the error in pixels of a 256 crop
+  rmse = reprojection_rmse_px(ex, size)
   assert rmse.mean() < 1.5, rmse
   np.testing.assert_allclose(rmse, ex["fit_residual"] * size, rtol=1e-3, atol=1e-3)
 

@@ -15,8 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from data_builders.hdtf import hdtf_dataset_builder as hdtf
-from hdtf_jax.data import clips, pipelines
-from hdtf_jax.face import morphable
+from hdtf_jax.data import pipelines
 
 REPO = Path(__file__).resolve().parents[1]
 DUMMY = REPO / "data_builders" / "hdtf" / "dummy_data"
@@ -88,18 +87,12 @@ def test_identity_held_out_and_report(data_dir):
 
 
 def test_parameters_rerender_detected_landmarks(data_dir):
-  model = morphable.default_model()
-  size = 256
+  from tests.test_clips import reprojection_rmse_px
   for split in ("train", "test"):
     src = source(data_dir, "params", split)
     for i in range(len(src)):
       ex = src[i]
-      verts = morphable.vertices(model, ex["shape"], ex["mouth"], ex["eyebrow"])
-      pose = ex["pose"].copy()
-      pose[:, 3:5] = clips.to_pixels(pose[:, 3:5], size)
-      pred = np.asarray(morphable.project(verts, pose, ex["scale"] * size))
-      obs = clips.to_pixels(ex["landmarks"], size)[..., :2]
-      rmse = np.sqrt(np.mean(np.sum((pred - obs) ** 2, -1), -1))
+      rmse = reprojection_rmse_px(ex, 256)
       assert rmse.mean() < 1.5, (ex["clip"], rmse.mean())
 
 
