@@ -1,8 +1,9 @@
 """Shared network building blocks: 1D residual blocks, AdaIN, the AdaIN style MLP, 2D residual blocks.
 
 Layout is channels-last everywhere: 1D tensors are NWC `(batch, time, channels)`, 2D tensors are
-NHWC. Convolutions pad `(k - 1) // 2` on both sides (odd kernels only), as the supplement's
-figures state, so a stride-1 conv keeps the length and a stride-2 conv gives `ceil(T / 2)`.
+NHWC. Convolutions (`conv.Conv`: nn.Conv with a weight gradient XLA:CPU runs fast) pad
+`(k - 1) // 2` on both sides (odd kernels only), as the supplement's figures state, so a stride-1
+conv keeps the length and a stride-2 conv gives `ceil(T / 2)`.
 
 BatchNorm follows `train`: batch statistics (and `batch_stats` updates, so apply with
 `mutable=['batch_stats']`) when training, running averages otherwise. No `axis_name` is used: under
@@ -17,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from hdtf_jax.nn.conv import Conv
+
 Dtype = Any
 
 
@@ -30,7 +33,7 @@ def conv1d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.
   """Conv1D on NWC input with symmetric `(k - 1) // 2` padding."""
   _check_odd(kernel_size, "conv1d")
   pad = (kernel_size - 1) // 2
-  return nn.Conv(features, (kernel_size,), strides=(stride,), padding=[(pad, pad)], dtype=dtype,
+  return Conv(features, (kernel_size,), strides=(stride,), padding=[(pad, pad)], dtype=dtype,
                  name=name)
 
 
@@ -39,7 +42,7 @@ def conv2d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.
   """Conv2D on NHWC input with symmetric `(k - 1) // 2` padding."""
   _check_odd(kernel_size, "conv2d")
   pad = (kernel_size - 1) // 2
-  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
+  return Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
                  padding=[(pad, pad), (pad, pad)], dtype=dtype, name=name)
 
 

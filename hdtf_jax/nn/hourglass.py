@@ -23,6 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hdtf_jax.nn.conv import Conv
+
 Dtype = Any
 NORMS = ("batch", "instance", "group", "none")
 UPSAMPLE_METHODS = ("nearest", "bilinear")
@@ -70,9 +72,10 @@ class _GroupNorm(nn.Module):
 
 def conv(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.float32,
          name: str | None = None) -> nn.Conv:
-  """Square conv with PyTorch-style symmetric padding (k // 2), float32 params."""
+  """Square conv with PyTorch-style symmetric padding (k // 2), float32 params (`conv.Conv`:
+  nn.Conv's parameters, a weight gradient XLA:CPU runs fast)."""
   pad = kernel_size // 2
-  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
+  return Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), dtype=dtype, name=name)
 
 

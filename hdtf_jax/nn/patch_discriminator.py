@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from hdtf_jax.nn.conv import Conv
+
 Dtype = Any
 PADDINGS = ("VALID", "SAME")
 
@@ -42,7 +44,7 @@ class _DownBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
-    x = nn.Conv(self.features, (k, k), padding=self.padding, dtype=self.dtype, name="conv")(x)
+    x = Conv(self.features, (k, k), padding=self.padding, dtype=self.dtype, name="conv")(x)
     if self.norm:
       x = nn.InstanceNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x)
     x = nn.leaky_relu(x, self.negative_slope)
@@ -66,7 +68,7 @@ class _SingleScale(nn.Module):
       x = _DownBlock(w, self.kernel_size, self.padding, norm=i > 0, pool=i < last,
                      negative_slope=self.negative_slope, dtype=self.dtype, name=f"down_{i}")(x)
       features.append(x.astype(jnp.float32))
-    logits = nn.Conv(1, (1, 1), dtype=self.dtype, name="out")(x)
+    logits = Conv(1, (1, 1), dtype=self.dtype, name="out")(x)
     return logits.astype(jnp.float32), features
 
 
