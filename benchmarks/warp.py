@@ -4,7 +4,11 @@ For each shape (N, H, W, C) it times, after warm-up, the median of repeated
 runs of
   fwd     grid_sample(image, grid) (bilinear, zeros, align_corners=False)
   fwd+bwd value and gradients w.r.t. image and grid of <grid_sample(...), g>
-and compares with
+for both CPU implementations of hdtf_jax.warp.grid_sample:
+  native  the C++ kernel (hdtf_jax/native, an XLA FFI custom call)
+  xla     the pure-XLA path (what accelerators, and CPUs without a compiler, run)
+("path" says which one grid_sample picks by default for the shape) and
+compares with
   copy    a jitted `x + 0` moving the same number of bytes (read + write,
           fresh output buffer, like every XLA op): the memory floor
   torch   torch.nn.functional.grid_sample (NCHW, same settings), when torch
@@ -44,7 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import block, print_table, time_fn, write_json  # noqa: E402
-from hdtf_jax import warp  # noqa: E402
+from hdtf_jax import native, warp  # noqa: E402
 
 DEFAULT_SHAPES = "8x256x256x64,2x512x512x3"
 
@@ -122,12 +126,23 @@ def torch_contenders(image, grid, cotangent, threads: int):
   return (fwd, fwd_bwd), note
 
 
+def jax_contenders(native: bool):
+  """Jitted fwd and fwd+bwd of hdtf_jax's grid_sample, native CPU kernel or the XLA path."""
+  sample = lambda a, b: warp._grid_sample(a, b, "bilinear", "zeros", False, native)
+  fwd = jax.jit(sample)
+  fwd_bwd = jax.jit(jax.value_and_grad(lambda a, b, g: jnp.vdot(sample(a, b), g),
+                                       argnums=(0, 1)))
+  return fwd, fwd_bwd
+
+
 def bench_shape(shape, rounds: int, repeats: int, warmup: int, threads: int):
   image, grid, cotangent = make_inputs(shape)
   ji, jg, jc = jnp.asarray(image), jnp.asarray(grid), jnp.asarray(cotangent)
-  fwd = jax.jit(lambda a, b: warp.grid_sample(a, b))
-  fwd_bwd = jax.jit(jax.value_and_grad(
-      lambda a, b, g: jnp.vdot(warp.grid_sample(a, b), g), argnums=(0, 1)))
+  # What grid_sample itself picks for this shape, and whether the native kernel built.
+  default_native = warp._use_native(ji, jg)
+  paths = {"xla": jax_contenders(False)}
+  if native.grid_sample_available():
+    paths["native"] = jax_contenders(True)
 
   f32 = 4
   bytes_fwd = (image.size + grid.size + image.size) * f32  # image + grid in, output out
@@ -138,31 +153,39 @@ def bench_shape(shape, rounds: int, repeats: int, warmup: int, threads: int):
   copy = jax.jit(lambda x: x + 0)
 
   contenders = {
-      "jax fwd": lambda: block(fwd(ji, jg)),
-      "jax fwd+bwd": lambda: block(fwd_bwd(ji, jg, jc)),
       "copy fwd": lambda: block(copy(copy_src["fwd"])),
       "copy fwd+bwd": lambda: block(copy(copy_src["fwd+bwd"])),
   }
+  for name, (fwd, fwd_bwd) in paths.items():
+    contenders[f"{name} fwd"] = lambda fwd=fwd: block(fwd(ji, jg))
+    contenders[f"{name} fwd+bwd"] = lambda fwd_bwd=fwd_bwd: block(fwd_bwd(ji, jg, jc))
   torch_fns, torch_note = torch_contenders(image, grid, cotangent, threads)
+  max_diff = {}
   if torch_fns:
     contenders["torch fwd"], contenders["torch fwd+bwd"] = torch_fns
     # Same numbers, or the comparison means nothing.
     t_out = torch_fns[0]().numpy().transpose(0, 2, 3, 1)
-    max_diff = float(np.abs(np.asarray(fwd(ji, jg)) - t_out).max())
-  else:
-    max_diff = None
+    for name, (fwd, _) in paths.items():
+      max_diff[name] = float(np.abs(np.asarray(fwd(ji, jg)) - t_out).max())
   ms = interleaved_medians(contenders, rounds, repeats, warmup)
 
   rows = []
   for kind, nbytes in (("fwd", bytes_fwd), ("fwd+bwd", bytes_bwd)):
-    t = ms[f"jax {kind}"]
-    row = {"shape": "x".join(map(str, shape)), "pass": kind, "jax_ms": t,
-           "GB/s": nbytes / t / 1e6, "copy_ms": ms[f"copy {kind}"],
-           "x_copy": t / ms[f"copy {kind}"]}
+    default = "native" if default_native else "xla"
+    t = ms[f"{default} {kind}"]
+    copy_ms = ms[f"copy {kind}"]
+    # jax_ms / x_copy / speedup_vs_torch: the path grid_sample takes by default.
+    row = {"shape": "x".join(map(str, shape)), "pass": kind, "path": default, "jax_ms": t,
+           "GB/s": nbytes / t / 1e6, "copy_ms": copy_ms, "x_copy": t / copy_ms}
+    for name in paths:
+      row[f"{name}_ms"] = ms[f"{name} {kind}"]
+      row[f"{name}_x_copy"] = ms[f"{name} {kind}"] / copy_ms
     if torch_fns:
       row["torch_ms"] = ms[f"torch {kind}"]
       row["speedup_vs_torch"] = ms[f"torch {kind}"] / t
-      row["floor_bound"] = ms[f"torch {kind}"] / ms[f"copy {kind}"]
+      for name in paths:
+        row[f"{name}_vs_torch"] = ms[f"torch {kind}"] / ms[f"{name} {kind}"]
+      row["floor_bound"] = ms[f"torch {kind}"] / copy_ms
     rows.append(row)
   return rows, torch_note, max_diff
 
@@ -197,15 +220,22 @@ def main(argv=None):
                                              threads)
     all_rows += rows
     notes["torch"] = torch_note
-    if max_diff is not None:
-      notes[f"max |jax - torch| {rows[0]['shape']}"] = max_diff
+    for name, diff in max_diff.items():
+      notes[f"max |{name} - torch| {rows[0]['shape']}"] = diff
+  notes["native"] = ("native CPU kernel built (hdtf_jax/native)" if native.grid_sample_available()
+                     else "native CPU kernel unavailable: XLA path only")
   notes["GLIBC_TUNABLES"] = os.environ.get("GLIBC_TUNABLES", "")
   print(notes["torch"] + (f"; GLIBC_TUNABLES={notes['GLIBC_TUNABLES']}"
-                          if notes["GLIBC_TUNABLES"] else ""))
-  columns = ["shape", "pass", "jax_ms", "GB/s", "copy_ms", "x_copy"]
+                          if notes["GLIBC_TUNABLES"] else "") + "; " + notes["native"])
+  paths = [p for p in ("native", "xla") if f"{p}_ms" in all_rows[0]]
+  columns = ["shape", "pass", "path", "copy_ms"]
+  for p in paths:
+    columns += [f"{p}_ms", f"{p}_x_copy"]
   if "torch_ms" in all_rows[0]:
-    columns += ["torch_ms", "speedup_vs_torch", "floor_bound"]
+    columns += ["torch_ms"] + [f"{p}_vs_torch" for p in paths] + ["floor_bound"]
   print_table(all_rows, columns)
+  print("path: what grid_sample uses by default for the shape (jax_ms, x_copy, speedup_vs_torch "
+        "in the JSON)")
   if "torch_ms" in all_rows[0]:
     print("floor_bound = torch_ms / copy_ms: the most any sampler could beat PyTorch by here")
   for key, value in notes.items():

@@ -1,0 +1,444 @@
+// CPU grid_sample (PyTorch semantics, NHWC) for hdtf_jax.warp, as XLA FFI handlers.
+//
+// Why native: XLA:CPU emits one scalar load per gathered element and runs
+// scatters on one thread, so for a few channels (RGB warps) its grid_sample
+// is several times slower than a plain loop. These loops read each point's
+// four corners as whole C-vectors, and split the work over XLA's intra-op
+// thread pool; the image gradient (a scatter) is split by batch element or
+// accumulated in per-chunk buffers, never written by two threads at once.
+//
+// Formulas match hdtf_jax/warp.py (its module docstring): unnormalise,
+// clamp for "border" (zero derivative where clamped, ends included), zeros
+// outside for "zeros", four bilinear corners or round-half-to-even nearest.
+// Arrays: image (..., H, W, C), grid (..., Ho, Wo, 2); the leading dimensions
+// (batch, and vmap's) are flattened into one batch axis.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Shape {
+  int64_t n, h, w, c, ho, wo;
+  int64_t points() const { return n * ho * wo; }
+};
+
+struct Options {
+  bool nearest, border, align_corners;
+};
+
+// Runs fn(0..items-1) on the calling thread and up to threads-1 pool tasks,
+// which claim items from a shared counter. The caller only waits for items
+// already claimed (running), so it never waits on a task the pool has not
+// started: no deadlock even when the caller is itself a pool thread.
+template <typename F>
+void ParallelFor(ffi::ThreadPool* pool, int64_t threads, int64_t items, const F& fn) {
+  threads = std::min(threads, items);
+  if (threads <= 1 || pool == nullptr) {
+    for (int64_t i = 0; i < items; ++i) fn(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  auto run = [items](State* s, const F* f) {
+    for (int64_t i; (i = s->next.fetch_add(1)) < items;) {
+      (*f)(i);
+      if (s->done.fetch_add(1) + 1 == items) {
+        { std::lock_guard<std::mutex> lock(s->mu); }
+        s->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) {
+    // A late task finds no items left and returns without touching fn.
+    pool->Schedule([state, run, f = &fn] { run(state.get(), f); });
+  }
+  run(state.get(), &fn);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == items; });
+}
+
+// Points whose taps are computed together: the coordinate arithmetic runs
+// as branch-free loops over a block, which the compiler vectorises; the
+// gathers then read whole C-vectors per corner.
+constexpr int kBlock = 128;
+
+// Taps of a block of points: corner k of point i reads the C-vector at
+// offset[k][i] of its image with weight[k][i]. Like the XLA path, corners
+// outside the image read a clamped pixel with weight 0 (inside[k][i] = 0).
+template <typename T>
+struct BlockTaps {
+  int32_t offset[4][kBlock];
+  T weight[4][kBlock];
+  T inside[4][kBlock];
+  T fx[kBlock], fy[kBlock], dpx[kBlock], dpy[kBlock];
+};
+
+// Axis constants: pixel p = ((g + 1) * a - b) * half, the formulas of
+// warp.py's _unnormalize ((g + 1) * (S - 1) / 2, or ((g + 1) * S - 1) / 2).
+template <typename T>
+struct Axis {
+  T a, b, half, dp, size;
+  int32_t n;
+  Axis(int64_t size_, bool align_corners)
+      : a(align_corners ? static_cast<T>((size_ - 1) / 2.0) : static_cast<T>(size_)),
+        b(align_corners ? T(0) : T(1)),
+        half(align_corners ? T(1) : T(0.5)),
+        dp(static_cast<T>(align_corners ? (size_ - 1) / 2.0 : size_ / 2.0)),
+        size(static_cast<T>(size_)),
+        n(static_cast<int32_t>(size_)) {}
+};
+
+// Pixel coordinate and its derivative for `count` normalised coordinates
+// g[2 * i] (stride 2: x and y interleaved in the grid).
+template <typename T>
+inline void Unnormalize(const T* g, int count, const Axis<T>& ax, bool border, T* p, T* dp) {
+  const T last = ax.size - 1, hi = ax.size + 1;
+  for (int i = 0; i < count; ++i) {
+    T v = ((g[2 * i] + 1) * ax.a - ax.b) * ax.half;
+    T d = ax.dp;
+    if (border) {  // clamp to [0, S-1]; derivative 0 where clamped, ends included
+      const bool inside = v > 0 && v < last;
+      d = inside ? d : T(0);
+      v = inside ? v : (v <= 0 ? T(0) : last);
+    } else {  // far outside reads zeros anyway; bounds keep the int casts safe (NaN too)
+      v = v >= -2 ? v : T(-2);
+      v = v <= hi ? v : hi;
+    }
+    p[i] = v;
+    dp[i] = d;
+  }
+}
+
+// floor of a bounded coordinate: a truncating cast and a fix-up, which
+// vectorise (without SSE4.1, std::floor is a libm call per element).
+template <typename T>
+inline int32_t Floor(T p) {
+  const int32_t i = static_cast<int32_t>(p);
+  return i - (static_cast<T>(i) > p);
+}
+
+template <typename T>
+void ComputeTaps(const T* grid, int count, const Shape& s, const Options& o, BlockTaps<T>* t) {
+  const Axis<T> ax(s.w, o.align_corners), ay(s.h, o.align_corners);
+  T px[kBlock], py[kBlock];
+  Unnormalize(grid, count, ax, o.border, px, t->dpx);
+  Unnormalize(grid + 1, count, ay, o.border, py, t->dpy);
+  const int32_t w = ax.n, h = ay.n, c = static_cast<int32_t>(s.c);
+  if (o.nearest) {
+    for (int i = 0; i < count; ++i) {
+      // Round half to even (PyTorch's nearbyint): floor, then up if above
+      // .5, or at .5 from an odd integer.
+      const int32_t fx0 = Floor(px[i]), fy0 = Floor(py[i]);
+      const T dx = px[i] - static_cast<T>(fx0), dy = py[i] - static_cast<T>(fy0);
+      const int32_t ix = fx0 + (dx > T(0.5) || (dx == T(0.5) && (fx0 & 1)));
+      const int32_t iy = fy0 + (dy > T(0.5) || (dy == T(0.5) && (fy0 & 1)));
+      const bool in = static_cast<uint32_t>(ix) < static_cast<uint32_t>(w) &&
+                      static_cast<uint32_t>(iy) < static_cast<uint32_t>(h);
+      t->inside[0][i] = in ? T(1) : T(0);
+      t->weight[0][i] = in ? T(1) : T(0);
+      const int32_t cx = ix < 0 ? 0 : (ix > w - 1 ? w - 1 : ix);
+      const int32_t cy = iy < 0 ? 0 : (iy > h - 1 ? h - 1 : iy);
+      t->offset[0][i] = (cy * w + cx) * c;
+      t->fx[i] = t->fy[i] = 0;
+    }
+    return;
+  }
+  for (int i = 0; i < count; ++i) {
+    const int32_t x0 = Floor(px[i]), y0 = Floor(py[i]);
+    const T fx = px[i] - static_cast<T>(x0), fy = py[i] - static_cast<T>(y0);
+    const int32_t x1 = x0 + 1, y1 = y0 + 1;
+    // Branch-free (vectorised): 0/1 masks and clamped indices.
+    const T mx0 = static_cast<T>(static_cast<uint32_t>(x0) < static_cast<uint32_t>(w));
+    const T mx1 = static_cast<T>(static_cast<uint32_t>(x1) < static_cast<uint32_t>(w));
+    const T my0 = static_cast<T>(static_cast<uint32_t>(y0) < static_cast<uint32_t>(h));
+    const T my1 = static_cast<T>(static_cast<uint32_t>(y1) < static_cast<uint32_t>(h));
+    const int32_t cx0 = std::min(std::max(x0, 0), w - 1), cx1 = std::min(std::max(x1, 0), w - 1);
+    const int32_t r0 = std::min(std::max(y0, 0), h - 1) * w;
+    const int32_t r1 = std::min(std::max(y1, 0), h - 1) * w;
+    const T in0 = mx0 * my0, in1 = mx1 * my0, in2 = mx0 * my1, in3 = mx1 * my1;
+    const T wx0 = 1 - fx, wy0 = 1 - fy;
+    // Corner order as warp.py: (x0, y0), (x1, y0), (x0, y1), (x1, y1).
+    t->offset[0][i] = (r0 + cx0) * c;
+    t->offset[1][i] = (r0 + cx1) * c;
+    t->offset[2][i] = (r1 + cx0) * c;
+    t->offset[3][i] = (r1 + cx1) * c;
+    t->inside[0][i] = in0;
+    t->inside[1][i] = in1;
+    t->inside[2][i] = in2;
+    t->inside[3][i] = in3;
+    t->weight[0][i] = (wx0 * wy0) * in0;
+    t->weight[1][i] = (fx * wy0) * in1;
+    t->weight[2][i] = (wx0 * fy) * in2;
+    t->weight[3][i] = (fx * fy) * in3;
+    t->fx[i] = fx;
+    t->fy[i] = fy;
+  }
+}
+
+// Calls fn(first point, count, image index) for blocks of at most kBlock
+// points of [begin, end) that do not cross an image boundary.
+template <typename F>
+inline void ForBlocks(const Shape& s, int64_t begin, int64_t end, const F& fn) {
+  const int64_t per_image = s.ho * s.wo;
+  for (int64_t p = begin; p < end;) {
+    const int64_t b = p / per_image;
+    const int64_t stop = std::min(end, (b + 1) * per_image);
+    const int count = static_cast<int>(std::min<int64_t>(kBlock, stop - p));
+    fn(p, count, b);
+    p += count;
+  }
+}
+
+// kC > 0: the channel count known at compile time (unrolled for RGB & co).
+template <typename T, int kC>
+void ForwardPoints(const T* image, const T* grid, T* out, const Shape& s, const Options& o,
+                   int64_t begin, int64_t end) {
+  const int64_t c = kC > 0 ? kC : s.c;
+  BlockTaps<T> t;
+  ForBlocks(s, begin, end, [&](int64_t p0, int count, int64_t b) {
+    const T* img = image + b * s.h * s.w * c;
+    ComputeTaps(grid + 2 * p0, count, s, o, &t);
+    T* dst = out + p0 * c;
+    if (o.nearest) {
+      for (int i = 0; i < count; ++i, dst += c) {
+        const T* a = img + t.offset[0][i];
+        const T w0 = t.weight[0][i];
+        for (int64_t j = 0; j < c; ++j) dst[j] = a[j] * w0;
+      }
+      return;
+    }
+    for (int i = 0; i < count; ++i, dst += c) {
+      const T *a = img + t.offset[0][i], *bb = img + t.offset[1][i],
+              *d = img + t.offset[2][i], *e = img + t.offset[3][i];
+      const T w0 = t.weight[0][i], w1 = t.weight[1][i], w2 = t.weight[2][i],
+              w3 = t.weight[3][i];
+      for (int64_t j = 0; j < c; ++j) dst[j] = a[j] * w0 + bb[j] * w1 + d[j] * w2 + e[j] * w3;
+    }
+  });
+}
+
+// Image gradient of points [begin, end) added into d_image (a buffer shaped
+// like the whole image batch), grid gradient written for those points.
+template <typename T, int kC>
+void BackwardPoints(const T* image, const T* grid, const T* gout, T* d_image, T* d_grid,
+                    const Shape& s, const Options& o, int64_t begin, int64_t end) {
+  const int64_t c = kC > 0 ? kC : s.c;
+  const int taps = o.nearest ? 1 : 4;
+  BlockTaps<T> t;
+  ForBlocks(s, begin, end, [&](int64_t p0, int count, int64_t b) {
+    const T* img = image + b * s.h * s.w * c;
+    T* d_img = d_image + b * s.h * s.w * c;
+    ComputeTaps(grid + 2 * p0, count, s, o, &t);
+    const T* g = gout + p0 * c;
+    // Grid gradient first (reads only), then the scatter corner by corner:
+    // neighbouring points share corners, and interleaving their read-modify-
+    // writes stalls on store-to-load aliasing that, on jittered grids, the CPU
+    // cannot predict (2x slower than this order).
+    if (!o.nearest) {
+      for (int i = 0; i < count; ++i) {
+        const T* gi = g + i * c;
+        T dots[4];
+        for (int k = 0; k < 4; ++k) {
+          const T* v = img + t.offset[k][i];
+          T dot = 0;
+          for (int64_t j = 0; j < c; ++j) dot += v[j] * gi[j];
+          dots[k] = t.inside[k][i] != 0 ? dot : T(0);
+        }
+        const T fx = t.fx[i], fy = t.fy[i];
+        const T gx = (1 - fy) * (dots[1] - dots[0]) + fy * (dots[3] - dots[2]);
+        const T gy = (1 - fx) * (dots[2] - dots[0]) + fx * (dots[3] - dots[1]);
+        d_grid[2 * (p0 + i)] = gx * t.dpx[i];
+        d_grid[2 * (p0 + i) + 1] = gy * t.dpy[i];
+      }
+    } else {
+      std::fill(d_grid + 2 * p0, d_grid + 2 * (p0 + count), T(0));
+    }
+    // Like the XLA path's scatter: outside corners add weight 0 to a clamped pixel.
+    for (int k = 0; k < taps; ++k) {
+      for (int i = 0; i < count; ++i) {
+        T* dst = d_img + t.offset[k][i];
+        const T* gi = g + i * c;
+        const T wk = t.weight[k][i];
+        for (int64_t j = 0; j < c; ++j) dst[j] += wk * gi[j];
+      }
+    }
+  });
+}
+
+// Points per work item: small enough to balance 2-16 threads, large enough
+// that scheduling costs nothing next to the work.
+int64_t Chunks(int64_t points, int64_t c, int64_t threads) {
+  const int64_t min_points = std::max<int64_t>(1, 32768 / std::max<int64_t>(c, 1));
+  return std::max<int64_t>(1, std::min<int64_t>(8 * threads, points / min_points));
+}
+
+template <typename T, int kC>
+void Forward(ffi::ThreadPool* pool, int64_t threads, const T* image, const T* grid, T* out,
+             const Shape& s, const Options& o) {
+  const int64_t points = s.points();
+  const int64_t chunks = Chunks(points, s.c, threads);
+  ParallelFor(pool, threads, chunks, [&](int64_t i) {
+    ForwardPoints<T, kC>(image, grid, out, s, o, points * i / chunks, points * (i + 1) / chunks);
+  });
+}
+
+template <typename T, int kC>
+void Backward(ffi::ThreadPool* pool, int64_t threads, const T* image, const T* grid,
+              const T* gout, T* d_image, T* d_grid, const Shape& s, const Options& o) {
+  const int64_t per_image = s.h * s.w * s.c, per_grid = s.ho * s.wo;
+  if (threads <= 1 || s.n % threads == 0 || s.n >= 4 * threads) {
+    // By batch element: each item owns its image's gradient.
+    ParallelFor(pool, threads, s.n, [&](int64_t b) {
+      std::fill(d_image + b * per_image, d_image + (b + 1) * per_image, T(0));
+      BackwardPoints<T, kC>(image, grid, gout, d_image, d_grid, s, o, b * per_grid,
+                            (b + 1) * per_grid);
+    });
+    return;
+  }
+  // Fewer images than threads: each of `threads` point ranges scatters into
+  // its own zeroed buffer (the first into d_image), then the buffers are summed.
+  const int64_t total = s.n * per_image, points = s.points();
+  std::vector<std::unique_ptr<T[]>> partial(threads);
+  ParallelFor(pool, threads, threads, [&](int64_t i) {
+    T* dst = d_image;
+    if (i > 0) {
+      partial[i].reset(new T[total]);
+      dst = partial[i].get();
+    }
+    std::fill(dst, dst + total, T(0));
+    BackwardPoints<T, kC>(image, grid, gout, dst, d_grid, s, o, points * i / threads,
+                          points * (i + 1) / threads);
+  });
+  const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(8 * threads, total / 16384));
+  ParallelFor(pool, threads, pieces, [&](int64_t i) {
+    const int64_t lo = total * i / pieces, hi = total * (i + 1) / pieces;
+    for (int64_t k = 1; k < threads; ++k) {
+      const T* src = partial[k].get();
+      for (int64_t j = lo; j < hi; ++j) d_image[j] += src[j];
+    }
+  });
+}
+
+ffi::Error ReadShape(const ffi::AnyBuffer& image, const ffi::AnyBuffer& grid, Shape* s) {
+  const auto di = image.dimensions(), dg = grid.dimensions();
+  if (di.size() < 3 || dg.size() != di.size() || dg.back() != 2) {
+    return ffi::Error::InvalidArgument("hdtf_grid_sample: need image (..., H, W, C), grid (..., Ho, Wo, 2)");
+  }
+  const size_t r = di.size();
+  int64_t n = 1;
+  for (size_t k = 0; k + 3 < r; ++k) {
+    if (di[k] != dg[k]) return ffi::Error::InvalidArgument("hdtf_grid_sample: batch dims differ");
+    n *= di[k];
+  }
+  *s = Shape{n, di[r - 3], di[r - 2], di[r - 1], dg[r - 3], dg[r - 2]};
+  if (s->h * s->w * s->c >= (int64_t{1} << 31) || s->h >= (1 << 22) || s->w >= (1 << 22)) {
+    return ffi::Error::InvalidArgument("hdtf_grid_sample: image too large for 32-bit offsets");
+  }
+  if (image.element_type() != grid.element_type()) {
+    return ffi::Error::InvalidArgument("hdtf_grid_sample: image and grid dtypes differ");
+  }
+  return ffi::Error::Success();
+}
+
+int64_t Threads(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }
+
+// Small channel counts get compile-time loops (RGB warps, flows, masks).
+#define HDTF_DISPATCH_C(FN, T, ...)                          \
+  switch (s.c) {                                             \
+    case 1: FN<T, 1>(__VA_ARGS__); break;                    \
+    case 2: FN<T, 2>(__VA_ARGS__); break;                    \
+    case 3: FN<T, 3>(__VA_ARGS__); break;                    \
+    case 4: FN<T, 4>(__VA_ARGS__); break;                    \
+    default: FN<T, 0>(__VA_ARGS__); break;                   \
+  }
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer image, ffi::AnyBuffer grid,
+                       ffi::Result<ffi::AnyBuffer> out, int32_t nearest, int32_t border,
+                       int32_t align_corners) {
+  Shape s;
+  if (auto e = ReadShape(image, grid, &s); e.failure()) return e;
+  const Options o{nearest != 0, border != 0, align_corners != 0};
+  const int64_t threads = Threads(pool);
+  switch (image.element_type()) {
+    case ffi::DataType::F32:
+      HDTF_DISPATCH_C(Forward, float, &pool, threads, image.typed_data<float>(),
+                      grid.typed_data<float>(), out->typed_data<float>(), s, o);
+      break;
+    case ffi::DataType::F64:
+      HDTF_DISPATCH_C(Forward, double, &pool, threads, image.typed_data<double>(),
+                      grid.typed_data<double>(), out->typed_data<double>(), s, o);
+      break;
+    default:
+      return ffi::Error::InvalidArgument("hdtf_grid_sample: float32 or float64 only");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::AnyBuffer image, ffi::AnyBuffer grid,
+                        ffi::AnyBuffer gout, ffi::Result<ffi::AnyBuffer> d_image,
+                        ffi::Result<ffi::AnyBuffer> d_grid, int32_t nearest, int32_t border,
+                        int32_t align_corners) {
+  Shape s;
+  if (auto e = ReadShape(image, grid, &s); e.failure()) return e;
+  const Options o{nearest != 0, border != 0, align_corners != 0};
+  const int64_t threads = Threads(pool);
+  switch (image.element_type()) {
+    case ffi::DataType::F32:
+      HDTF_DISPATCH_C(Backward, float, &pool, threads, image.typed_data<float>(),
+                      grid.typed_data<float>(), gout.typed_data<float>(),
+                      d_image->typed_data<float>(), d_grid->typed_data<float>(), s, o);
+      break;
+    case ffi::DataType::F64:
+      HDTF_DISPATCH_C(Backward, double, &pool, threads, image.typed_data<double>(),
+                      grid.typed_data<double>(), gout.typed_data<double>(),
+                      d_image->typed_data<double>(), d_grid->typed_data<double>(), s, o);
+      break;
+    default:
+      return ffi::Error::InvalidArgument("hdtf_grid_sample: float32 or float64 only");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// Exported (the library is built with -fvisibility=hidden): ctypes looks these up.
+#define HDTF_EXPORT extern "C" __attribute__((visibility("default")))
+HDTF_EXPORT XLA_FFI_Error* HdtfGridSampleForward(XLA_FFI_CallFrame* call_frame);
+HDTF_EXPORT XLA_FFI_Error* HdtfGridSampleBackward(XLA_FFI_CallFrame* call_frame);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HdtfGridSampleForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("nearest")
+                                  .Attr<int32_t>("border")
+                                  .Attr<int32_t>("align_corners"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HdtfGridSampleBackward, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("nearest")
+                                  .Attr<int32_t>("border")
+                                  .Attr<int32_t>("align_corners"));
