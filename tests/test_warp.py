@@ -174,8 +174,10 @@ def test_bilinear_gradients_match_finite_differences(padding_mode, align_corners
 
 
 def test_gradients_when_the_backward_takes_many_steps(monkeypatch):
-  # The backward walks the points in steps of _BACKWARD_STEP_ELEMENTS // C
-  # plus a remainder; make the steps tiny so both paths run on a small case.
+  # The XLA path's backward walks the points in steps of
+  # _BACKWARD_STEP_ELEMENTS // C plus a remainder; make the steps tiny so both
+  # paths run on a small case (the native CPU kernel, the default, is off here).
+  monkeypatch.setenv("HDTF_JAX_NATIVE_WARP", "0")
   monkeypatch.setattr(W, "_BACKWARD_STEP_ELEMENTS", 15)  # 5 points per step, 24 points
   jax.clear_caches()
   try:
