@@ -183,6 +183,29 @@ def _forward(rows, points, hw_out: int, h: int, w: int, mode: str, padding_mode:
   return lax.platform_dependent(rows, points, cpu=sample_on_cpu, default=sample)
 
 
+def _explicit_spec(x):
+  """`x`'s PartitionSpec if it is sharded over Explicit mesh axes (sharding in its type), else None."""
+  try:
+    spec = jax.typeof(x).sharding.spec
+  except AttributeError:
+    return None
+  return spec if any(axis is not None for axis in spec) else None
+
+
+def _per_shard(fn, image, grid):
+  """fn(image, grid) with explicitly sharded inputs: one call per batch shard (shard_map).
+
+  Inside, both paths see plain local arrays; the flat gathers of the XLA path
+  have no sharding rule for a batch split across devices.
+  """
+  from jax.sharding import PartitionSpec, reshard
+  spec = _explicit_spec(image) or _explicit_spec(grid)
+  batch = PartitionSpec(spec[0], None, None, None)
+  image, grid = reshard(image, batch), reshard(grid, batch)
+  # check_vma=False: the custom call outputs carry no varying-axes type.
+  return jax.shard_map(fn, in_specs=(batch, batch), out_specs=batch, check_vma=False)(image, grid)
+
+
 # Elements (points x C) of the cotangent handled per step of the backward loop
 # on CPU. Each step's temporaries (4 corners x points x C) then stay in cache
 # instead of being materialised as full-size arrays, which costs page faults
@@ -377,7 +400,11 @@ def grid_sample(image, grid, *, mode: str = "bilinear", padding_mode: str = "zer
   if not jnp.issubdtype(dtype, jnp.floating):
     dtype = jnp.float32
   image, grid = image.astype(dtype), grid.astype(dtype)
-  return _grid_sample(image, grid, mode, padding_mode, align_corners, _use_native(image, grid))
+  sample = lambda image, grid: _grid_sample(image, grid, mode, padding_mode, align_corners,
+                                            _use_native(image, grid))
+  if _explicit_spec(image) is not None or _explicit_spec(grid) is not None:
+    return _per_shard(sample, image, grid)
+  return sample(image, grid)
 
 
 def identity_grid(height: int, width: int, *, align_corners: bool = False,

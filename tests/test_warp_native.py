@@ -205,6 +205,15 @@ SHARDED = textwrap.dedent("""
   # Each device samples its own image: no gathered inputs around the custom calls.
   assert "f32[1,9,11,3]{3,2,1,0} custom-call(" in hlo, hlo
   assert "all-gather" not in hlo
+  # Explicit mesh axes (sharding in the types): grid_sample runs per shard (shard_map).
+  mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    args = [jax.device_put(x, NamedSharding(mesh, P("batch"))) for x in (image, grid)]
+    got = fn(*args)
+    hlo = fn.lower(*args).compile().as_text()
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, atol=1e-4)
+  assert "f32[1,9,11,3]{3,2,1,0} custom-call(" in hlo and "all-gather" not in hlo, hlo
   print("ok")
 """)
 
