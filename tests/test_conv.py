@@ -155,3 +155,16 @@ def test_env_switch_forces_xla(monkeypatch):
   monkeypatch.setenv("HDTF_JAX_CONV", "xla")
   cpu = _grad_text(conv_lib.conv_general_dilated, "cpu")
   assert cpu == _grad_text(lax.conv_general_dilated, "cpu")
+
+
+def test_native_shapes_stay_plain_lax():
+  """Where the native weight gradient is kept, no custom VJP is staged (jvp works)."""
+  x, w = _rand((1, 8, 8, 32), 9), _rand((3, 3, 32, 32), 10)
+  f = lambda x_: conv_lib.conv_general_dilated(x_, w, (1, 1), "SAME", dimension_numbers=NHWC)
+  assert "custom_vjp" not in str(jax.make_jaxpr(f)(x))
+  _, tangent = jax.jvp(f, (x,), (jnp.ones_like(x),))
+  ref = lax.conv_general_dilated(jnp.ones_like(x), w, (1, 1), "SAME", dimension_numbers=NHWC)
+  np.testing.assert_allclose(tangent, ref, rtol=1e-5, atol=1e-4)
+  small = lambda x_: conv_lib.conv_general_dilated(x_, w[..., :3], (1, 1), "SAME",
+                                                   dimension_numbers=NHWC)
+  assert "custom_vjp" in str(jax.make_jaxpr(small)(x))

@@ -1,21 +1,26 @@
 """A drop-in `flax.linen.Conv` whose weight gradient runs fast on XLA:CPU.
 
 XLA:CPU's convolution forward and input gradient use Eigen's fast path, but its weight gradient
-(the "backward-filter" conv) does not: measured on G_vid's convs at 128 px it is 3-30x the
-forward, up to 128 ms for a 7x7 conv with 3 output channels at full resolution whose forward
-takes 4 ms. Written per kernel tap it is a handful of plain matmuls, which XLA:CPU runs fast:
+(the "backward-filter" conv, with batch and features swapped in its dimension numbers) does not:
+measured on G_vid's convs at 128 px it is 3-45x the forward, e.g. 80-150 ms for a 7x7 conv with
+1 or 3 output channels at full resolution whose forward takes 2-4 ms. The same sum
 
-    dW[tap] = sum over (n, output position) of  x_padded[n, stride * pos + tap, :]^T  g[n, pos, :]
+    dW[t, ci, co] = sum over (n, output position p) of  x_padded[n, s * p + t, ci] g[n, p, co]
 
-i.e. for each tap one dot of (Cin x N*H'*W') by (N*H'*W' x Cout), on a strided slice of the
-padded input.
+written as a *channels-last forward* conv goes to Eigen:
+
+  * "batch_conv" (Cout <= 16): Cin as the batch, N as the features, g as a kernel dilated by the
+    stride; 7x7 -> 3 at 128 px: ~10 ms instead of 80-150.
+  * "columns" (2D, Cout >= 128, output >= 64 px): one 1D conv over the height per kernel
+    column, with (N, W') as the features; 3x3 256 -> 256 at 64 px: ~120 ms instead of ~380.
+  * otherwise XLA's own (no faster form measured). See `weight_grad_method`.
 
 `conv_general_dilated` keeps `lax.conv_general_dilated`'s signature (it is what `nn.Conv` calls)
 and picks per platform with `jax.lax.platform_dependent`: on CPU a custom-VJP conv whose forward
-and input gradient are XLA's own and whose weight gradient is the per-tap form; on every other
-platform XLA's native conv, untouched (GPU/TPU lowerings contain no trace of the CPU branch, so
-they keep cuDNN's / the TPU's fused kernels). Cases the per-tap form does not cover (dilation,
-feature groups, negative padding, other layouts) always use the native conv.
+and input gradient are XLA's own and whose weight gradient is one of the forms above; on every
+other platform XLA's native conv, untouched (GPU/TPU lowerings contain no trace of the CPU branch,
+so they keep cuDNN's / the TPU's kernels). Cases the forms do not cover (dilation, feature groups,
+negative padding, other layouts, explicit precision) always use the native conv.
 
 The environment variable `HDTF_JAX_CONV=xla` (read when a function is traced) makes every
 platform use XLA's native conv, for A/B timings or to rule this module out.
@@ -24,7 +29,8 @@ platform use XLA's native conv, for A/B timings or to rule this module out.
 parameter trees and checkpoints do not change.
 
 Limitation: the CPU branch is a `custom_vjp`, so forward-mode differentiation (`jax.jvp`,
-`jacfwd`) through these convs is not supported; reverse mode (`grad`, `vjp`) is.
+`jacfwd`) through the convs that take it is not supported; reverse mode (`grad`, `vjp`) is. Convs
+whose shapes pick "native" are plain `lax.conv_general_dilated` calls.
 """
 from __future__ import annotations
 
@@ -125,8 +131,6 @@ def _cpu_conv_bwd(strides, pads, dimension_numbers, res, g):
   native = lambda x_, w_: lax.conv_general_dilated(x_, w_, strides, pads,
                                                     dimension_numbers=dimension_numbers)
   method = weight_grad_method(x.shape, w.shape, g.shape)
-  if method == "native":
-    return jax.vjp(native, x, w)[1](g)
   # Input gradient: XLA's own transpose (a forward conv, which XLA:CPU runs fast).
   dx, = jax.vjp(lambda x_: native(x_, w), x)[1](g)
   return dx, _weight_grad(x, g, w.shape, strides, pads, w.dtype, method)
@@ -145,21 +149,24 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
       feature_group_count=feature_group_count, batch_group_count=batch_group_count,
       precision=precision, preferred_element_type=preferred_element_type)
   nd = lhs.ndim - 2
+  simple = (all(d in (None, 1) for d in (lhs_dilation or (1,)))
+            and all(d in (None, 1) for d in (rhs_dilation or (1,)))
+            and feature_group_count == 1 and batch_group_count == 1
+            and precision is None and preferred_element_type is None
+            and lhs.dtype == rhs.dtype and _is_channels_last(dimension_numbers, lhs.ndim)
+            and os.environ.get("HDTF_JAX_CONV", "auto") != "xla")
+  if not simple:
+    return native(lhs, rhs)
   strides = tuple(int(s) for s in window_strides)
-  kernel_spatial = rhs.shape[:nd]
   if isinstance(padding, str):
-    pads = tuple(lax.padtype_to_pads(lhs.shape[1:-1], kernel_spatial, strides, padding))
+    pads = tuple(lax.padtype_to_pads(lhs.shape[1:-1], rhs.shape[:nd], strides, padding))
   else:
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-  plain = (all(d in (None, 1) for d in (lhs_dilation or (1,)))
-           and all(d in (None, 1) for d in (rhs_dilation or (1,)))
-           and feature_group_count == 1 and batch_group_count == 1
-           and precision is None and preferred_element_type is None
-           and lhs.dtype == rhs.dtype
-           and all(lo >= 0 and hi >= 0 for lo, hi in pads)
-           and _is_channels_last(dimension_numbers, lhs.ndim))
-  if not plain or os.environ.get("HDTF_JAX_CONV", "auto") == "xla":
-    return native(lhs, rhs)
+  out_shape = (lhs.shape[0], *((n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(
+      lhs.shape[1:-1], pads, rhs.shape[:nd], strides)), rhs.shape[-1])
+  if (any(lo < 0 or hi < 0 for lo, hi in pads) or min(out_shape) < 1
+      or weight_grad_method(lhs.shape, rhs.shape, out_shape) == "native"):
+    return native(lhs, rhs)  # no custom VJP where it would not pay
   dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   return lax.platform_dependent(
       lhs, rhs, cpu=lambda x, w: _cpu_conv(x, w, strides, pads, dn),
