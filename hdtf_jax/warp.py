@@ -313,18 +313,20 @@ def _xla_backward(image, grid, gout, mode, padding_mode, align_corners):
   return d_rows.reshape(image.shape), d_points.reshape(grid.shape)
 
 
-# The native CPU kernel (hdtf_jax/native/grid_sample.cc) is used for images
-# with at most this many channels. Measured with benchmarks/warp.py on 2
-# cores: at C=3 it is 3-5x faster than the XLA path (whose gathers load one
-# scalar per element and whose scatters run on one thread).
-NATIVE_MAX_CHANNELS = 1 << 30
-
-
 def _use_native(image, grid) -> bool:
-  """Whether the CPU branch takes the native kernel (decided at trace time)."""
+  """Whether the CPU branch takes the native kernel (hdtf_jax/native; decided at trace time).
+
+  For every channel count: measured with benchmarks/warp.py on 2 cores it beats
+  the XLA path at C=3 (whose gathers load one scalar per element and whose
+  scatters run on one thread) and at C=64 (where the XLA forward already runs
+  near the copy floor) alike. Skipped where only accelerators run (the
+  default backend is not the CPU) and for empty arrays.
+  """
   from hdtf_jax import native
-  return (image.shape[3] <= NATIVE_MAX_CHANNELS and image.size > 0 and grid.size > 0
-          and jax.default_backend() == "cpu" and native.grid_sample_available())
+  _, h, w, c = image.shape
+  fits = h * w * c < 2**31 and max(h, w) < 2**22  # the kernel's 32-bit offsets
+  return (image.size > 0 and grid.size > 0 and fits and jax.default_backend() == "cpu"
+          and native.grid_sample_available())
 
 
 def _native_options(mode, padding_mode, align_corners):
@@ -391,7 +393,10 @@ def grid_sample(image, grid, *, mode: str = "bilinear", padding_mode: str = "zer
   align_corners (see the module docstring), but channels-last. Computed in
   the promoted floating dtype of `image` and `grid`.
   Differentiable with respect to both `image` and `grid` through a custom
-  VJP: the image gradient is a scatter walked in cache-sized steps, and the
+  VJP. On CPU both passes run a native kernel (hdtf_jax/native: C++ built at
+  first use, an XLA custom call split over XLA's threads; set
+  HDTF_JAX_NATIVE_WARP=0 for the XLA path); accelerators run the XLA path,
+  where the image gradient is a scatter walked in cache-sized steps and the
   grid gradient comes from the same four corners in the same pass.
   """
   _check_options(mode, padding_mode)

@@ -234,40 +234,56 @@ void ForwardPoints(const T* image, const T* grid, T* out, const Shape& s, const 
 
 // Image gradient of points [begin, end) added into d_image (a buffer shaped
 // like the whole image batch), grid gradient written for those points.
+//
+// Two passes over the points, the taps computed in each: first the grid
+// gradient (reads only), then the scatter, corner by corner within a block.
+// Interleaved, the reads of `image` run right behind stores to `d_image` at
+// the same offsets; XLA's buffers share their alignment, so those loads wait
+// on unrelated stores (4K aliasing) and the backward took twice as long.
+// Corner by corner, neighbouring points' read-modify-writes of a shared
+// corner are no longer back to back, which jittered grids made unpredictable.
 template <typename T, int kC>
 void BackwardPoints(const T* image, const T* grid, const T* gout, T* d_image, T* d_grid,
                     const Shape& s, const Options& o, int64_t begin, int64_t end) {
   const int64_t c = kC > 0 ? kC : s.c;
   const int taps = o.nearest ? 1 : 4;
   BlockTaps<T> t;
-  ForBlocks(s, begin, end, [&](int64_t p0, int count, int64_t b) {
-    const T* img = image + b * s.h * s.w * c;
-    T* d_img = d_image + b * s.h * s.w * c;
-    ComputeTaps(grid + 2 * p0, count, s, o, &t);
-    const T* g = gout + p0 * c;
-    // Grid gradient first (reads only), then the scatter corner by corner:
-    // neighbouring points share corners, and interleaving their read-modify-
-    // writes stalls on store-to-load aliasing that, on jittered grids, the CPU
-    // cannot predict (2x slower than this order).
-    if (!o.nearest) {
-      for (int i = 0; i < count; ++i) {
-        const T* gi = g + i * c;
-        T dots[4];
-        for (int k = 0; k < 4; ++k) {
-          const T* v = img + t.offset[k][i];
+  T dots[4][kBlock];
+  if (o.nearest) {
+    std::fill(d_grid + 2 * begin, d_grid + 2 * end, T(0));
+  } else {
+    ForBlocks(s, begin, end, [&](int64_t p0, int count, int64_t b) {
+      const T* img = image + b * s.h * s.w * c;
+      const T* g = gout + p0 * c;
+      ComputeTaps(grid + 2 * p0, count, s, o, &t);
+      // Loops over the block's points, one corner at a time (vectorised).
+      for (int k = 0; k < 4; ++k) {
+        T* dk = dots[k];
+        const int32_t* off = t.offset[k];
+        for (int i = 0; i < count; ++i) {
+          const T* v = img + off[i];
+          const T* gi = g + i * c;
           T dot = 0;
           for (int64_t j = 0; j < c; ++j) dot += v[j] * gi[j];
-          dots[k] = t.inside[k][i] != 0 ? dot : T(0);
+          dk[i] = dot;
         }
-        const T fx = t.fx[i], fy = t.fy[i];
-        const T gx = (1 - fy) * (dots[1] - dots[0]) + fy * (dots[3] - dots[2]);
-        const T gy = (1 - fx) * (dots[2] - dots[0]) + fx * (dots[3] - dots[1]);
-        d_grid[2 * (p0 + i)] = gx * t.dpx[i];
-        d_grid[2 * (p0 + i) + 1] = gy * t.dpy[i];
       }
-    } else {
-      std::fill(d_grid + 2 * p0, d_grid + 2 * (p0 + count), T(0));
-    }
+      T* dg = d_grid + 2 * p0;
+      for (int i = 0; i < count; ++i) {
+        const T s0 = t.inside[0][i] != 0 ? dots[0][i] : T(0);
+        const T s1 = t.inside[1][i] != 0 ? dots[1][i] : T(0);
+        const T s2 = t.inside[2][i] != 0 ? dots[2][i] : T(0);
+        const T s3 = t.inside[3][i] != 0 ? dots[3][i] : T(0);
+        const T fx = t.fx[i], fy = t.fy[i];
+        dg[2 * i] = ((1 - fy) * (s1 - s0) + fy * (s3 - s2)) * t.dpx[i];
+        dg[2 * i + 1] = ((1 - fx) * (s2 - s0) + fx * (s3 - s1)) * t.dpy[i];
+      }
+    });
+  }
+  ForBlocks(s, begin, end, [&](int64_t p0, int count, int64_t b) {
+    T* d_img = d_image + b * s.h * s.w * c;
+    const T* g = gout + p0 * c;
+    ComputeTaps(grid + 2 * p0, count, s, o, &t);
     // Like the XLA path's scatter: outside corners add weight 0 to a clamped pixel.
     for (int k = 0; k < taps; ++k) {
       for (int i = 0; i < count; ++i) {
