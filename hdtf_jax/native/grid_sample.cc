@@ -235,13 +235,11 @@ void ForwardPoints(const T* image, const T* grid, T* out, const Shape& s, const 
 // Image gradient of points [begin, end) added into d_image (a buffer shaped
 // like the whole image batch), grid gradient written for those points.
 //
-// Two passes over the points, the taps computed in each: first the grid
-// gradient (reads only), then the scatter, corner by corner within a block.
-// Interleaved, the reads of `image` run right behind stores to `d_image` at
-// the same offsets; XLA's buffers share their alignment, so those loads wait
-// on unrelated stores (4K aliasing) and the backward took twice as long.
-// Corner by corner, neighbouring points' read-modify-writes of a shared
-// corner are no longer back to back, which jittered grids made unpredictable.
+// Per block of points: the grid gradient's dot products (reads only), as
+// loops over the block's points one corner at a time, which vectorise; then
+// the scatter, also corner by corner: point by point, neighbouring points'
+// read-modify-writes of a shared corner came back to back, and on jittered
+// grids the CPU mispredicts which loads depend on which stores (2x slower).
 template <typename T, int kC>
 void BackwardPoints(const T* image, const T* grid, const T* gout, T* d_image, T* d_grid,
                     const Shape& s, const Options& o, int64_t begin, int64_t end) {
@@ -249,14 +247,15 @@ void BackwardPoints(const T* image, const T* grid, const T* gout, T* d_image, T*
   const int taps = o.nearest ? 1 : 4;
   BlockTaps<T> t;
   T dots[4][kBlock];
-  if (o.nearest) {
-    std::fill(d_grid + 2 * begin, d_grid + 2 * end, T(0));
-  } else {
-    ForBlocks(s, begin, end, [&](int64_t p0, int count, int64_t b) {
-      const T* img = image + b * s.h * s.w * c;
-      const T* g = gout + p0 * c;
-      ComputeTaps(grid + 2 * p0, count, s, o, &t);
-      // Loops over the block's points, one corner at a time (vectorised).
+  ForBlocks(s, begin, end, [&](int64_t p0, int count, int64_t b) {
+    const T* img = image + b * s.h * s.w * c;
+    T* d_img = d_image + b * s.h * s.w * c;
+    const T* g = gout + p0 * c;
+    T* dg = d_grid + 2 * p0;
+    ComputeTaps(grid + 2 * p0, count, s, o, &t);
+    if (o.nearest) {
+      std::fill(dg, dg + 2 * count, T(0));
+    } else {
       for (int k = 0; k < 4; ++k) {
         T* dk = dots[k];
         const int32_t* off = t.offset[k];
@@ -268,7 +267,6 @@ void BackwardPoints(const T* image, const T* grid, const T* gout, T* d_image, T*
           dk[i] = dot;
         }
       }
-      T* dg = d_grid + 2 * p0;
       for (int i = 0; i < count; ++i) {
         const T s0 = t.inside[0][i] != 0 ? dots[0][i] : T(0);
         const T s1 = t.inside[1][i] != 0 ? dots[1][i] : T(0);
@@ -278,19 +276,16 @@ void BackwardPoints(const T* image, const T* grid, const T* gout, T* d_image, T*
         dg[2 * i] = ((1 - fy) * (s1 - s0) + fy * (s3 - s2)) * t.dpx[i];
         dg[2 * i + 1] = ((1 - fx) * (s2 - s0) + fx * (s3 - s1)) * t.dpy[i];
       }
-    });
-  }
-  ForBlocks(s, begin, end, [&](int64_t p0, int count, int64_t b) {
-    T* d_img = d_image + b * s.h * s.w * c;
-    const T* g = gout + p0 * c;
-    ComputeTaps(grid + 2 * p0, count, s, o, &t);
+    }
     // Like the XLA path's scatter: outside corners add weight 0 to a clamped pixel.
     for (int k = 0; k < taps; ++k) {
+      const int32_t* off = t.offset[k];
+      const T* wk = t.weight[k];
       for (int i = 0; i < count; ++i) {
-        T* dst = d_img + t.offset[k][i];
+        T* dst = d_img + off[i];
         const T* gi = g + i * c;
-        const T wk = t.weight[k][i];
-        for (int64_t j = 0; j < c; ++j) dst[j] += wk * gi[j];
+        const T w = wk[i];
+        for (int64_t j = 0; j < c; ++j) dst[j] += w * gi[j];
       }
     }
   });
