@@ -237,9 +237,10 @@ void ForwardPoints(const T* image, const T* grid, T* out, const Shape& s, const 
 //
 // Per block of points: the grid gradient's dot products (reads only), as
 // loops over the block's points one corner at a time, which vectorise; then
-// the scatter, also corner by corner: point by point, neighbouring points'
-// read-modify-writes of a shared corner came back to back, and on jittered
-// grids the CPU mispredicts which loads depend on which stores (2x slower).
+// the scatter, one image row of the corners at a time: with all four
+// corners point by point, neighbouring points' read-modify-writes of a
+// shared corner came back to back, and on jittered grids the CPU mispredicts
+// which loads depend on which stores (2x slower).
 template <typename T, int kC>
 void BackwardPoints(const T* image, const T* grid, const T* gout, T* d_image, T* d_grid,
                     const Shape& s, const Options& o, int64_t begin, int64_t end) {
@@ -278,14 +279,40 @@ void BackwardPoints(const T* image, const T* grid, const T* gout, T* d_image, T*
       }
     }
     // Like the XLA path's scatter: outside corners add weight 0 to a clamped pixel.
-    for (int k = 0; k < taps; ++k) {
-      const int32_t* off = t.offset[k];
-      const T* wk = t.weight[k];
+    if (o.nearest || kC == 0) {
+      for (int k = 0; k < taps; ++k) {
+        const int32_t* off = t.offset[k];
+        const T* wk = t.weight[k];
+        for (int i = 0; i < count; ++i) {
+          T* dst = d_img + off[i];
+          const T* gi = g + i * c;
+          const T w = wk[i];
+          for (int64_t j = 0; j < c; ++j) dst[j] += w * gi[j];
+        }
+      }
+      return;
+    }
+    // A few channels: the two corners of a row are usually adjacent pixels,
+    // one read-modify-write of 2C contiguous values (fewer, wider accesses).
+    constexpr int kC2 = 2 * (kC > 0 ? kC : 1);
+    for (int r = 0; r < 2; ++r) {
+      const int32_t *off0 = t.offset[2 * r], *off1 = t.offset[2 * r + 1];
+      const T *w0 = t.weight[2 * r], *w1 = t.weight[2 * r + 1];
       for (int i = 0; i < count; ++i) {
-        T* dst = d_img + off[i];
+        T* d0 = d_img + off0[i];
+        T* d1 = d_img + off1[i];
         const T* gi = g + i * c;
-        const T w = wk[i];
-        for (int64_t j = 0; j < c; ++j) dst[j] += w * gi[j];
+        if (d1 == d0 + c) {
+          T add[kC2];
+          for (int64_t j = 0; j < c; ++j) {
+            add[j] = w0[i] * gi[j];
+            add[c + j] = w1[i] * gi[j];
+          }
+          for (int j = 0; j < kC2; ++j) d0[j] += add[j];
+        } else {  // clamped at the left or right edge: the same pixel twice
+          for (int64_t j = 0; j < c; ++j) d0[j] += w0[i] * gi[j];
+          for (int64_t j = 0; j < c; ++j) d1[j] += w1[i] * gi[j];
+        }
       }
     }
   });
