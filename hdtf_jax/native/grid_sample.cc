@@ -4,8 +4,9 @@
 // scatters on one thread, so for a few channels (RGB warps) its grid_sample
 // is several times slower than a plain loop. These loops read each point's
 // four corners as whole C-vectors, and split the work over XLA's intra-op
-// thread pool; the image gradient (a scatter) is split by batch element or
-// accumulated in per-chunk buffers, never written by two threads at once.
+// thread pool; the image gradient (a scatter) is split by batch element,
+// with per-part private buffers when there are fewer images than threads:
+// no buffer is ever written by two threads at once.
 //
 // Formulas match hdtf_jax/warp.py (its module docstring): unnormalise,
 // clamp for "border" (zero derivative where clamped, ends included), zeros
@@ -232,8 +233,9 @@ void ForwardPoints(const T* image, const T* grid, T* out, const Shape& s, const 
   });
 }
 
-// Image gradient of points [begin, end) added into d_image (a buffer shaped
-// like the whole image batch), grid gradient written for those points.
+// Image gradient of points [begin, end) added into d_image (images
+// first_image, first_image + 1, ... of the batch's gradient, or a private
+// buffer standing for them), grid gradient written for those points.
 //
 // Per block of points: the grid gradient's dot products (reads only), as
 // loops over the block's points one corner at a time, which vectorise; then
@@ -242,15 +244,16 @@ void ForwardPoints(const T* image, const T* grid, T* out, const Shape& s, const 
 // shared corner came back to back, and on jittered grids the CPU mispredicts
 // which loads depend on which stores (2x slower).
 template <typename T, int kC>
-void BackwardPoints(const T* image, const T* grid, const T* gout, T* d_image, T* d_grid,
-                    const Shape& s, const Options& o, int64_t begin, int64_t end) {
+void BackwardPoints(const T* image, const T* grid, const T* gout, T* d_image,
+                    int64_t first_image, T* d_grid, const Shape& s, const Options& o,
+                    int64_t begin, int64_t end) {
   const int64_t c = kC > 0 ? kC : s.c;
   const int taps = o.nearest ? 1 : 4;
   BlockTaps<T> t;
   T dots[4][kBlock];
   ForBlocks(s, begin, end, [&](int64_t p0, int count, int64_t b) {
     const T* img = image + b * s.h * s.w * c;
-    T* d_img = d_image + b * s.h * s.w * c;
+    T* d_img = d_image + (b - first_image) * s.h * s.w * c;
     const T* g = gout + p0 * c;
     T* dg = d_grid + 2 * p0;
     ComputeTaps(grid + 2 * p0, count, s, o, &t);
@@ -339,35 +342,35 @@ template <typename T, int kC>
 void Backward(ffi::ThreadPool* pool, int64_t threads, const T* image, const T* grid,
               const T* gout, T* d_image, T* d_grid, const Shape& s, const Options& o) {
   const int64_t per_image = s.h * s.w * s.c, per_grid = s.ho * s.wo;
-  if (threads <= 1 || s.n % threads == 0 || s.n >= 4 * threads) {
-    // By batch element: each item owns its image's gradient.
-    ParallelFor(pool, threads, s.n, [&](int64_t b) {
-      std::fill(d_image + b * per_image, d_image + (b + 1) * per_image, T(0));
-      BackwardPoints<T, kC>(image, grid, gout, d_image, d_grid, s, o, b * per_grid,
-                            (b + 1) * per_grid);
-    });
-    return;
-  }
-  // Fewer images than threads: each of `threads` point ranges scatters into
-  // its own zeroed buffer (the first into d_image), then the buffers are summed.
-  const int64_t total = s.n * per_image, points = s.points();
-  std::vector<std::unique_ptr<T[]>> partial(threads);
-  ParallelFor(pool, threads, threads, [&](int64_t i) {
-    T* dst = d_image;
-    if (i > 0) {
-      partial[i].reset(new T[total]);
-      dst = partial[i].get();
+  // Each image's points are split into `parts` ranges, one work item each.
+  // Part 0 scatters into the image's gradient, parts 1.. into private
+  // zeroed buffers the size of one image, summed into it afterwards: with
+  // fewer images than threads every thread still gets work, and no two
+  // threads ever write the same buffer. Few parts: each costs a buffer's
+  // zeroing and summing.
+  const int64_t parts = s.n >= threads ? 1 : std::min<int64_t>(4, (threads + s.n - 1) / s.n);
+  std::vector<std::unique_ptr<T[]>> partial(s.n * (parts - 1));
+  ParallelFor(pool, threads, s.n * parts, [&](int64_t item) {
+    const int64_t b = item / parts, q = item % parts;
+    T* dst = d_image + b * per_image;
+    if (q > 0) {
+      partial[b * (parts - 1) + q - 1].reset(new T[per_image]);
+      dst = partial[b * (parts - 1) + q - 1].get();
     }
-    std::fill(dst, dst + total, T(0));
-    BackwardPoints<T, kC>(image, grid, gout, dst, d_grid, s, o, points * i / threads,
-                          points * (i + 1) / threads);
+    std::fill(dst, dst + per_image, T(0));
+    BackwardPoints<T, kC>(image, grid, gout, dst, b, d_grid, s, o,
+                          b * per_grid + per_grid * q / parts,
+                          b * per_grid + per_grid * (q + 1) / parts);
   });
-  const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(8 * threads, total / 16384));
-  ParallelFor(pool, threads, pieces, [&](int64_t i) {
-    const int64_t lo = total * i / pieces, hi = total * (i + 1) / pieces;
-    for (int64_t k = 1; k < threads; ++k) {
-      const T* src = partial[k].get();
-      for (int64_t j = lo; j < hi; ++j) d_image[j] += src[j];
+  if (parts == 1) return;
+  const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(8 * threads, per_image / 16384));
+  ParallelFor(pool, threads, s.n * pieces, [&](int64_t item) {
+    const int64_t b = item / pieces, i = item % pieces;
+    const int64_t lo = per_image * i / pieces, hi = per_image * (i + 1) / pieces;
+    T* dst = d_image + b * per_image;
+    for (int64_t q = 1; q < parts; ++q) {
+      const T* src = partial[b * (parts - 1) + q - 1].get();
+      for (int64_t j = lo; j < hi; ++j) dst[j] += src[j];
     }
   });
 }
