@@ -348,7 +348,7 @@ void Backward(ffi::ThreadPool* pool, int64_t threads, const T* image, const T* g
   // fewer images than threads every thread still gets work, and no two
   // threads ever write the same buffer. Few parts: each costs a buffer's
   // zeroing and summing.
-  const int64_t parts = s.n >= threads ? 1 : std::min<int64_t>(4, (threads + s.n - 1) / s.n);
+  const int64_t parts = s.n >= threads ? 1 : std::min<int64_t>(8, (threads + s.n - 1) / s.n);
   std::vector<std::unique_ptr<T[]>> partial(s.n * (parts - 1));
   ParallelFor(pool, threads, s.n * parts, [&](int64_t item) {
     const int64_t b = item / parts, q = item % parts;
