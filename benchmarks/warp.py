@@ -222,8 +222,12 @@ def main(argv=None):
     notes["torch"] = torch_note
     for name, diff in max_diff.items():
       notes[f"max |{name} - torch| {rows[0]['shape']}"] = diff
-  notes["native"] = ("native CPU kernel built (hdtf_jax/native)" if native.grid_sample_available()
-                     else "native CPU kernel unavailable: XLA path only")
+  if not native.enabled_by_env():
+    notes["native"] = f"native CPU kernel off ({native.ENV_SWITCH}=0): XLA path only"
+  elif native.grid_sample_available():
+    notes["native"] = "native CPU kernel built (hdtf_jax/native)"
+  else:
+    notes["native"] = "native CPU kernel unavailable (see the warning): XLA path only"
   notes["GLIBC_TUNABLES"] = os.environ.get("GLIBC_TUNABLES", "")
   print(notes["torch"] + (f"; GLIBC_TUNABLES={notes['GLIBC_TUNABLES']}"
                           if notes["GLIBC_TUNABLES"] else "") + "; " + notes["native"])
