@@ -19,7 +19,6 @@ False after one warning line and callers keep the XLA path;
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import hashlib
 import os
 import platform
@@ -82,6 +81,8 @@ def isa_flags() -> tuple[str, ...]:
 
 def build() -> Path:
   """Path of the compiled library, compiling it first if the cache lacks it."""
+  import fcntl  # POSIX only: elsewhere the failure below means the XLA path
+
   import jax
   import jaxlib
 
