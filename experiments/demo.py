@@ -55,7 +55,8 @@ DEMO_OVERRIDES = {
                "--config.optim.decay_steps=100", "--config.train.eval_every=400",
                "--config.train.plot_every=400", "--config.train.checkpoint_every=400"],
     "stage2": ["--config.train.num_steps=200", "--config.optim.hold_steps=150",
-               "--config.optim.decay_steps=50", "--config.train.eval_every=100",
+               "--config.optim.decay_steps=50", "--config.loss.adversarial_warmup=150",
+               "--config.loss.adversarial_ramp=50", "--config.train.eval_every=100",
                "--config.train.checkpoint_every=100", "--config.data.eval_pairs=32"],
 }
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import skimage.metrics
@@ -37,7 +38,9 @@ def tiny_config(cache_dir, **train):
   c = configs.get_config("tiny")
   c.data.synthetic.cache_dir = cache_dir
   c.model.generator.update(**WARP_START)
-  c.loss.l1 = 2.0
+  # The demo preset's extra terms: pixel L1 / MSE, and GAN + feature matching warming up (off
+  # at step 0, half weight at 1, full from 2).
+  c.loss.update(l1=2.0, l2=20.0, adversarial_warmup=1, adversarial_ramp=2)
   c.train.fast_compile = True  # smoke runs: compile time dominates
   c.train.update(**train)
   return c
@@ -184,6 +187,47 @@ def test_blend_pixel_skip_is_the_warp_at_init(data):
   np.testing.assert_allclose(out["image"], warped, atol=1e-5)
 
 
+def test_mouth_boxes_hold_the_lips_below_the_eyes(data):
+  """The box around the driving parameters' projected lips (+ margin): holds every lips point,
+  is a small part of the frame and lies below the eyes (an independent part of the mesh)."""
+  from hdtf_jax.face import flow, morphable
+  model, size = morphable.default_model(), 32
+  drv = synthetic_video.stack([e["drv_params"] for e in data.eval_examples[:4]])
+  boxes = stage2.mouth_boxes(drv, size)
+  pts, _ = flow.mesh_points(model, synthetic_video.to_pixel_params(drv, size), size, size)
+  pts = np.asarray(pts)
+  for box, p in zip(boxes, pts):
+    ys, xs = np.nonzero(box)
+    lips, eyes = p[np.asarray(model.regions["lips"])], p[np.asarray(model.regions["eyes"])]
+    assert xs.min() <= lips[:, 0].min() and xs.max() >= lips[:, 0].max() - 1
+    assert ys.min() <= lips[:, 1].min() and ys.max() >= lips[:, 1].max() - 1
+    assert 0.01 < box.mean() < 0.25, box.mean()
+    assert ys.min() > eyes[:, 1].mean()
+  # region_psnr of the whole frame is the frame PSNR; of a box, that of its pixels.
+  rng = np.random.default_rng(5)
+  a, b = rng.uniform(size=(2, 2, 8, 8, 3))
+  whole = np.ones((2, 8, 8), bool)
+  frames = np.mean([skimage.metrics.peak_signal_noise_ratio(x, y, data_range=1.0)
+                    for x, y in zip(a, b)])
+  assert stage2.region_psnr(b, a, whole) == pytest.approx(frames, abs=1e-9)
+  box = np.zeros((2, 8, 8), bool)
+  box[:, 2:5, 3:7] = True
+  crop = np.mean([skimage.metrics.peak_signal_noise_ratio(x[2:5, 3:7], y[2:5, 3:7], data_range=1.0)
+                  for x, y in zip(a, b)])
+  assert stage2.region_psnr(b, a, box) == pytest.approx(crop, abs=1e-9)
+  assert np.isnan(stage2.region_psnr(b, a, np.zeros_like(box)))
+
+
+def test_adversarial_factor_warms_up_then_ramps():
+  loss = ml_collections.ConfigDict(dict(adversarial_warmup=3, adversarial_ramp=2))
+  got = [float(stage2.adversarial_factor(loss, s)) for s in range(7)]
+  assert got == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0]
+  loss.adversarial_ramp = 0
+  assert [float(stage2.adversarial_factor(loss, s)) for s in range(5)] == [0, 0, 0, 1, 1]
+  paper = configs.get_config("paper").loss  # the paper: full weight from step 0
+  assert float(stage2.adversarial_factor(paper, 0)) == 1.0
+
+
 def test_l1_term_matches_numpy():
   rng = np.random.default_rng(3)
   fake, real = (rng.uniform(size=(2, 8, 8, 3)).astype(np.float32) for _ in range(2))
@@ -196,7 +240,9 @@ def test_l1_term_matches_numpy():
   terms = stage2.generator_loss_terms(logits, feats, feats, vgg_f, vgg_r, loss_cfg,
                                       jnp.asarray(fake), jnp.asarray(real))
   assert float(terms["l1"]) == pytest.approx(np.mean(np.abs(fake - real)), rel=1e-6)
-  assert configs.get_config("paper").loss.l1 == 0.0  # the paper has no pixel term
+  assert float(terms["l2"]) == pytest.approx(np.mean((fake - real) ** 2), rel=1e-5)
+  paper_loss = configs.get_config("paper").loss
+  assert paper_loss.l1 == paper_loss.l2 == 0.0  # the paper has no pixel term
   demo = configs.get_config("demo").model.generator
   paper = configs.get_config("paper").model.generator
   assert demo.pixel_skip == "blend" and paper.pixel_skip == "none"
@@ -243,11 +289,15 @@ def test_train_logs_losses_labels_random_vgg_and_weights_terms(trained):
   records = logs.read_jsonl(workdir / "metrics.jsonl")
   train = [r for r in records if "train/g_total" in r]
   assert [r["step"] for r in train] == [1, 2, 3, 4]
+  assert [r["train/adversarial_factor"] for r in train] == [0.0, 0.5, 1.0, 1.0]
   for r in train:
     assert r["train/vgg_pretrained"] == 0.0 and r["train/flow_overflow"] == 0.0
-    total = (c.loss.gan * r["train/gan"] + c.loss.perceptual * r["train/perceptual"]
-             + c.loss.feature_matching * r["train/feature_matching"] + c.loss.l1 * r["train/l1"])
-    assert c.loss.l1 > 0 and r["train/l1"] > 0
+    adv = r["train/adversarial_factor"]
+    total = (adv * (c.loss.gan * r["train/gan"]
+                    + c.loss.feature_matching * r["train/feature_matching"])
+             + c.loss.perceptual * r["train/perceptual"] + c.loss.l1 * r["train/l1"]
+             + c.loss.l2 * r["train/l2"])
+    assert c.loss.l1 > 0 and r["train/l1"] > 0 and c.loss.l2 > 0 and r["train/l2"] > 0
     assert r["train/g_total"] == pytest.approx(total, rel=1e-5)
     assert 0.0 < r["train/mask_fg"] < 1.0 and 0.0 < r["train/mask_matting"] < 1.0
     assert "train/mask_pixel" not in r  # "residual" skip: no M_p
@@ -387,6 +437,12 @@ def test_eval_table_matches_skimage_and_writes_files(trained, data):
   assert results["reference"]["ssim"] == pytest.approx(ssim, abs=1e-4)
   assert results["warp_only"]["psnr"] > results["reference"]["psnr"]
   assert np.isfinite(results["model"]["psnr"])
+  # psnr_mouth: skimage's PSNR of the pixels in each pair's mouth box, averaged over pairs.
+  drv = synthetic_video.stack([e["drv_params"] for e in data.eval_examples])
+  boxes = stage2.mouth_boxes(drv, truth.shape[1])
+  mouth = np.mean([skimage.metrics.peak_signal_noise_ratio(t[b], r[b], data_range=1.0)
+                   for t, r, b in zip(truth, ref, boxes)])
+  assert results["reference"]["psnr_mouth"] == pytest.approx(mouth, abs=1e-3)
   saved = json.loads((workdir / "eval_4.json").read_text())
   assert saved["results"]["reference"]["psnr"] == pytest.approx(psnr, abs=1e-3)
   md = (workdir / "eval_4.md").read_text()

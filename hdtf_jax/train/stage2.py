@@ -9,8 +9,9 @@ One step, from one batch of (reference, driving) frame pairs with their paramete
   3. D_vid's LSGAN loss on [driving, stop_gradient(generated)] (InstanceNorm only, so one call
      for both halves), which also gives the real features for feature matching;
   4. the generator's loss on the generated image -- LSGAN (x loss.gan) + VGG-19 perceptual
-     (x loss.perceptual = 10) + D_vid feature matching (x loss.feature_matching = 10), plus a
-     pixel L1 (x loss.l1; not in the paper, 0 in `paper`) -- and its
+     (x loss.perceptual = 10) + D_vid feature matching (x loss.feature_matching = 10), plus
+     pixel L1 / L2 terms (x loss.l1 / loss.l2; not in the paper, 0 in `paper`; the GAN and
+     feature-matching weights may warm up, `adversarial_factor`) -- and its
      gradient with respect to the image, pulled back through the VJP of step 2;
   5. Adam updates of both (lr held, then decayed linearly to 0).
 The step is jitted once per (config, mesh) with `NamedSharding`s (batch over the `data` axis,
@@ -248,13 +249,34 @@ def generator_loss_terms(d_logits, d_feats, real_feats, vgg_fake, vgg_real, loss
                          fake: jax.Array, real: jax.Array) -> dict[str, jax.Array]:
   """Unweighted generator terms; the total is sum(loss_config[name] * term).
 
-  "l1" is the mean absolute pixel error of the generated frames: not in the paper (weight
-  `loss.l1`, 0 in `paper`), always logged."""
+  "l1" / "l2" are the mean absolute / squared pixel errors of the generated frames: not in the
+  paper (weights `loss.l1` / `loss.l2`, 0 in `paper`), always logged. L2 is what PSNR scores:
+  where the warp's edges are uncertain by a pixel, its optimum is their average (L1's is one
+  of the two)."""
+  err = fake.astype(jnp.float32) - real.astype(jnp.float32)
   return {"gan": losses.lsgan_generator_loss(d_logits),
           "feature_matching": losses.feature_matching_loss(real_feats, d_feats),
           "perceptual": sum(losses.perceptual_loss(a, b, tuple(loss_config.vgg_layer_weights))
                             for a, b in zip(vgg_fake, vgg_real)),
-          "l1": jnp.mean(jnp.abs(fake.astype(jnp.float32) - real.astype(jnp.float32)))}
+          "l1": jnp.mean(jnp.abs(err)), "l2": jnp.mean(jnp.square(err))}
+
+
+ADVERSARIAL_TERMS = ("gan", "feature_matching")
+
+
+def adversarial_factor(loss_config, step) -> jax.Array:
+  """The factor on the adversarial terms' weights (`ADVERSARIAL_TERMS`) at `step` (0-based):
+  0 for the first `loss.adversarial_warmup` steps, then rising linearly to 1 over
+  `loss.adversarial_ramp` steps (both 0, as in the paper: always 1). Not in the paper (demo
+  only): during the warm-up G_vid learns from the pixel and perceptual terms alone, so the
+  young discriminator's gradients do not pull it off the warp it starts from; D_vid trains
+  from step 0 either way."""
+  warm = float(loss_config.get("adversarial_warmup", 0))
+  ramp = float(loss_config.get("adversarial_ramp", 0))
+  s = jnp.asarray(step, jnp.float32)
+  if ramp <= 0:
+    return (s >= warm).astype(jnp.float32)
+  return jnp.clip((s - warm + 1.0) / ramp, 0.0, 1.0)
 
 
 def _split_half(tree, n: int):
@@ -348,12 +370,14 @@ def _program(key: str, mesh) -> Program:
 
     (d_total, real_feats), d_grads = jax.value_and_grad(d_loss, has_aux=True)(state.d_params)
     vgg_real = features(vgg_vars, real)
+    adv = adversarial_factor(loss_cfg, state.step)
 
     def image_loss(image):
       logits, feats = disc.apply({"params": state.d_params}, image)
       terms = generator_loss_terms(logits, feats, real_feats, features(vgg_vars, image),
                                    vgg_real, loss_cfg, image, real)
-      return sum(loss_cfg.get(k, 0.0) * v for k, v in terms.items()), terms
+      return sum(loss_cfg.get(k, 0.0) * (adv if k in ADVERSARIAL_TERMS else 1.0) * v
+                 for k, v in terms.items()), terms
 
     (g_total, g_terms), d_image = jax.value_and_grad(image_loss, has_aux=True)(fake)
     (g_grads,) = g_vjp(d_image)
@@ -366,6 +390,7 @@ def _program(key: str, mesh) -> Program:
     out_metrics = {**g_terms, "d_lsgan": d_total, "g_total": g_total,
                    "g_grad_norm": optax.tree.norm(g_grads),
                    "d_grad_norm": optax.tree.norm(d_grads), "lr": schedule(state.step),
+                   "adversarial_factor": adv,
                    "psnr": jnp.mean(metrics.psnr(fake, real, 1.0)),
                    "mask_fg": jnp.mean(out["mask_fg"]), "mask_matting": jnp.mean(out["mask_matting"]),
                    "flow_overflow": jnp.mean(overflow.astype(jnp.float32))}
@@ -475,11 +500,46 @@ def _psnr_ssim(pred, true):
   return metrics.psnr(pred, true, 1.0), metrics.ssim(pred, true, 1.0)
 
 
-def score_frames(pred: np.ndarray, true: np.ndarray, *, cpbd: bool, lmd: bool) -> dict[str, float]:
+MOUTH_BOX_MARGIN = 3  # pixels of the scored frames around the lips' box
+
+
+def mouth_boxes(drv_params: Mapping, size: int, margin: int = MOUTH_BOX_MARGIN) -> np.ndarray:
+  """(N, size, size) bool: per driving parameter set (batched, normalised crop units), the box
+  around the morphable model's "lips" vertices projected with those parameters (where the
+  mouth is in the true frame), grown by `margin` pixels and clipped to the frame."""
+  from hdtf_jax.face import flow, morphable
+  model = morphable.default_model()
+  pts, _ = flow.mesh_points(model, synthetic_video.to_pixel_params(dict(drv_params), size),
+                            size, size)
+  pts = np.asarray(pts)[:, np.asarray(model.regions["lips"])]
+  lo, hi = pts.min(1) - margin, pts.max(1) + margin  # (N, 2) x, y
+  yy, xx = np.mgrid[:size, :size]
+  return ((xx >= lo[:, None, None, 0]) & (xx <= hi[:, None, None, 0])
+          & (yy >= lo[:, None, None, 1]) & (yy <= hi[:, None, None, 1]))
+
+
+def region_psnr(pred: np.ndarray, true: np.ndarray, region: np.ndarray) -> float:
+  """Mean over frames of the PSNR (data range 1) of the pixels in `region` (N, H, W) bool;
+  frames with an empty region are left out (NaN when all are)."""
+  se = np.square(np.asarray(pred, np.float64) - np.asarray(true, np.float64)).mean(-1)
+  count = region.sum((1, 2))
+  keep = count > 0
+  if not keep.any():
+    return float("nan")
+  mse = (se * region).sum((1, 2))[keep] / count[keep]
+  return float(np.mean(10 * np.log10(1.0 / np.maximum(mse, 1e-12))))
+
+
+def score_frames(pred: np.ndarray, true: np.ndarray, *, cpbd: bool, lmd: bool,
+                 mouth: np.ndarray | None = None) -> dict[str, float]:
   """The paper's video metrics, averaged per frame: PSNR, SSIM (data range 1), CPBD (of the
-  predicted frames; needs >= 64 px) and mouth LMD (pixels; pairs with a face in both)."""
+  predicted frames; needs >= 64 px) and mouth LMD (pixels; pairs with a face in both). With
+  `mouth` ((N, H, W) bool, e.g. `mouth_boxes`) also "psnr_mouth", the PSNR of those pixels
+  (not in the paper: where the warp cannot be right, the opening mouth)."""
   p, s = jax.device_get(_psnr_ssim(jnp.asarray(pred), jnp.asarray(true)))
   out = {"psnr": float(np.mean(p)), "ssim": float(np.mean(s))}
+  if mouth is not None:
+    out["psnr_mouth"] = region_psnr(pred, true, mouth)
   if cpbd and min(pred.shape[1:3]) >= 64:
     out["cpbd"] = float(np.mean([metrics.cpbd(x, data_range=1.0) for x in pred]))
   if lmd:
@@ -520,13 +580,15 @@ class Evaluator:
     self.config, self.prog, self.examples = config, prog, examples
     self.truth = np.stack([e["driving"] for e in examples]).astype(np.float32)
     self.reference = np.stack([e["reference"] for e in examples]).astype(np.float32)
+    drv = synthetic_video.stack([e["drv_params"] for e in examples])
+    self.mouth = mouth_boxes(drv, self.truth.shape[1])
 
   def outputs(self, variables) -> dict[str, np.ndarray]:
     return forward_examples(self.prog, variables, self.examples, self.config.data.eval_batch_size)
 
   def score(self, pred: np.ndarray) -> dict[str, float]:
     e = self.config.eval
-    return score_frames(pred, self.truth, cpbd=e.cpbd, lmd=e.lmd)
+    return score_frames(pred, self.truth, cpbd=e.cpbd, lmd=e.lmd, mouth=self.mouth)
 
   def baselines(self, outputs: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
     return {"warp_only": self.score(outputs["warp_app"]), "reference": self.score(self.reference)}
@@ -548,7 +610,7 @@ def image_grid(batch: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray
   return logs.image_grid(rows)
 
 
-METRIC_COLUMNS = ("psnr", "ssim", "cpbd", "lmd")
+METRIC_COLUMNS = ("psnr", "psnr_mouth", "ssim", "cpbd", "lmd")
 SYSTEMS = (("model", "G_vid"), ("no_flow", "G_vid w/o F_app"),
            ("no_matting", "G_vid w/o matting"), ("warp_only", "warp-only (reference warped by F_app)"),
            ("reference", "reference frame as prediction"))
@@ -746,6 +808,8 @@ def evaluate_checkpoint(config, workdir: str | Path, *, step: int | None = None,
             f"{_trained_with(workdir)}. PSNR/SSIM on [0, 1] frames")
   if truth_cpbd is not None:
     header += f"; CPBD of the predicted frames (ground truth: {truth_cpbd:.4f})"
+  header += ("; psnr_mouth: PSNR of the box around the driving parameters' lips "
+             f"(+{MOUTH_BOX_MARGIN} px)")
   if config.eval.lmd:
     header += "; LMD: mouth face-mesh points, pixels, pairs with a face found in both"
   header += "."
