@@ -51,6 +51,7 @@ import numpy as np
 
 from hdtf_jax import warp
 from hdtf_jax.nn import hourglass as hg_lib
+from hdtf_jax.nn.conv import Conv
 from hdtf_jax.nn.hourglass import NormSpec
 
 DOWNSAMPLE_MODES = ("stride", "pool")
@@ -233,9 +234,9 @@ class Decoder(nn.Module):
     for i, w in enumerate(reversed(g.encoder_widths[:-1])):
       x = up(w, 3, norm=norm, dtype=dtype, name=f"up_{i}")(hg_lib.upsample2(x, g.upsample), train)
     mode, pad = pixel_skip_mode(cfg), g.out_kernel // 2
-    conv = lambda c, name, **init: nn.Conv(c, (g.out_kernel, g.out_kernel),
-                                           padding=((pad, pad), (pad, pad)), dtype=dtype,
-                                           name=name, **init)
+    conv = lambda c, name, **init: Conv(c, (g.out_kernel, g.out_kernel),
+                                        padding=((pad, pad), (pad, pad)), dtype=dtype,
+                                        name=name, **init)
     if mode == "residual":
       # Zero conv: the image is exactly the warp at init; the correction gets all the gradient.
       zero = dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
@@ -310,9 +311,9 @@ class VideoGenerator(nn.Module):
                                                                             train)
       def head(c, name, bias=0.0):
         pad = g.head_kernel // 2
-        return nn.Conv(c, (g.head_kernel, g.head_kernel), padding=((pad, pad), (pad, pad)),
-                       dtype=dtype, bias_init=nn.initializers.constant(bias),
-                       name=name)(feats).astype(jnp.float32)
+        return Conv(c, (g.head_kernel, g.head_kernel), padding=((pad, pad), (pad, pad)),
+                    dtype=dtype, bias_init=nn.initializers.constant(bias),
+                    name=name)(feats).astype(jnp.float32)
       if cfg.use_flow:
         m_f = nn.sigmoid(head(1, "head_fg", g.get("fg_bias_init", 0.0)))
       if cfg.use_matting:
