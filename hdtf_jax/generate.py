@@ -221,7 +221,7 @@ class Reference:
     x = np.asarray(frame)
     if x.ndim != 3 or x.shape[0] != x.shape[1] or x.shape[2] != 3:
       raise GenerateError(f"{name}: a square RGB frame is needed, got shape {x.shape}")
-    u8 = x if x.dtype == np.uint8 else np.rint(np.clip(x, 0, 1) * 255).astype(np.uint8)
+    u8 = x if x.dtype == np.uint8 else media.to_uint8(x)
     missing = [k for k in PARAM_KEYS if k not in params]
     if missing:
       raise GenerateError(f"{name}: parameters lack {missing}")
@@ -242,7 +242,7 @@ def load_image(image: Any, name: str | None = None) -> tuple[np.ndarray, str]:
     if x.dtype != np.uint8:
       if not np.issubdtype(x.dtype, np.floating):
         raise GenerateError(f"{name}: expected uint8 or float [0, 1] pixels, got {x.dtype}")
-      x = np.rint(np.clip(x, 0, 1) * 255).astype(np.uint8)
+      x = media.to_uint8(x)
     return np.ascontiguousarray(x[..., :3]), name
   from PIL import Image, ImageOps, UnidentifiedImageError
   path = str(image)
@@ -616,7 +616,7 @@ class Preview:
   def __init__(self, models: Models, reference: Reference):
     self.models = models
     self.size = models.image_size
-    self.ref_u8 = np.rint(reference.image * 255).astype(np.uint8)
+    self.ref_u8 = media.to_uint8(reference.image)
     self.dim = (self.ref_u8 * 0.5).astype(np.uint8)
     self.triangles = np.asarray(models.face_model.triangles)
 

@@ -398,6 +398,11 @@ def _temp_sibling(path: Path, tag: str) -> Path:
   return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.{tag}.part")
 
 
+def to_uint8(x: Any) -> np.ndarray:
+  """Float pixels in [0, 1] (clipped) -> uint8, rounded to nearest."""
+  return np.rint(np.clip(np.asarray(x), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def _as_uint8_frames(frames: Any) -> np.ndarray:
   """(H, W, 3) or (N, H, W, 3); uint8 as is, floats read as [0, 1] and rounded."""
   x = np.asarray(frames)
@@ -411,7 +416,7 @@ def _as_uint8_frames(frames: Any) -> np.ndarray:
     raise ValueError(f"frames must be uint8 or float in [0, 1], got {x.dtype}")
   if not np.all(np.isfinite(x)):
     raise ValueError("frames contain NaN or infinity")
-  return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+  return to_uint8(x)
 
 
 def _as_audio(audio: Any) -> np.ndarray:
