@@ -55,6 +55,8 @@ def inputs(rng, n, h, w, c, ho, wo, spread=1.3, dtype=np.float32):
     (1, 5, 7, 3, 6, 4),     # batch 1, non-square, C=3 (compile-time C)
     (2, 6, 4, 5, 3, 9),     # C=5 (run-time C)
     (3, 9, 8, 1, 7, 5),     # odd batch, C=1
+    (2, 7, 4, 2, 3, 9),     # C=2 (flows)
+    (1, 6, 5, 4, 5, 4),     # C=4 (RGBA)
 ])
 def test_native_matches_xla_path_values_and_gradients(shape, mode, padding_mode, align_corners):
   n, h, w, c, ho, wo = shape
@@ -74,13 +76,13 @@ def test_native_matches_xla_path_values_and_gradients(shape, mode, padding_mode,
     assert np.all(np.asarray(d_grid) == 0)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3])
-def test_multithreaded_chunks_match_xla_path(n):
+@pytest.mark.parametrize("n,c", [(1, 8), (2, 8), (3, 8), (1, 3), (2, 4)])
+def test_multithreaded_chunks_match_xla_path(n, c):
   # Large enough for several work items per call (they run on XLA's intra-op
   # threads; with fewer images than threads, as n=1 on 2 cores, the backward
   # scatters parts of an image into private buffers and sums them), most
   # points inside.
-  image, grid, cot = inputs(np.random.default_rng(1), n, 64, 48, 8, 96, 80, spread=1.05)
+  image, grid, cot = inputs(np.random.default_rng(1), n, 64, 48, c, 96, 80, spread=1.05)
   (out, d_img, d_grid), (x_out, x_img, x_grid) = both_paths(
       image, grid, cot, "bilinear", "zeros", False)
   np.testing.assert_allclose(out, x_out, atol=1e-5)

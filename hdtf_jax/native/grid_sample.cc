@@ -257,6 +257,53 @@ void BackwardPoints(const T* image, const T* grid, const T* gout, T* d_image,
     const T* g = gout + p0 * c;
     T* dg = d_grid + 2 * p0;
     ComputeTaps(grid + 2 * p0, count, s, o, &t);
+    // A few channels, bilinear: one pass per image row of the corners does
+    // the dot products and the scatter together (the image and its gradient
+    // are read at the same offsets, so the gathers are paid once per row).
+    constexpr bool kFused = kC > 0;
+    if (!o.nearest && kFused) {
+      constexpr int kC2 = 2 * (kC > 0 ? kC : 1);
+      for (int r = 0; r < 2; ++r) {
+        const int32_t *off0 = t.offset[2 * r], *off1 = t.offset[2 * r + 1];
+        const T *w0 = t.weight[2 * r], *w1 = t.weight[2 * r + 1];
+        T *dot0 = dots[2 * r], *dot1 = dots[2 * r + 1];
+        for (int i = 0; i < count; ++i) {
+          const T* __restrict__ v0 = img + off0[i];
+          const T* __restrict__ v1 = img + off1[i];
+          T* __restrict__ d0 = d_img + off0[i];
+          T* d1 = d_img + off1[i];
+          const T* __restrict__ gi = g + i * kC;
+          T s0 = 0, s1 = 0;
+          for (int j = 0; j < kC; ++j) {
+            s0 += v0[j] * gi[j];
+            s1 += v1[j] * gi[j];
+          }
+          dot0[i] = s0;
+          dot1[i] = s1;
+          if (d1 == d0 + kC) {
+            T add[kC2];
+            for (int j = 0; j < kC; ++j) {
+              add[j] = w0[i] * gi[j];
+              add[kC + j] = w1[i] * gi[j];
+            }
+            for (int j = 0; j < kC2; ++j) d0[j] += add[j];
+          } else {  // clamped at the left or right edge: the same pixel twice
+            for (int j = 0; j < kC; ++j) d0[j] += w0[i] * gi[j];
+            for (int j = 0; j < kC; ++j) d1[j] += w1[i] * gi[j];
+          }
+        }
+      }
+      for (int i = 0; i < count; ++i) {
+        const T s0 = t.inside[0][i] != 0 ? dots[0][i] : T(0);
+        const T s1 = t.inside[1][i] != 0 ? dots[1][i] : T(0);
+        const T s2 = t.inside[2][i] != 0 ? dots[2][i] : T(0);
+        const T s3 = t.inside[3][i] != 0 ? dots[3][i] : T(0);
+        const T fx = t.fx[i], fy = t.fy[i];
+        dg[2 * i] = ((1 - fy) * (s1 - s0) + fy * (s3 - s2)) * t.dpx[i];
+        dg[2 * i + 1] = ((1 - fx) * (s2 - s0) + fx * (s3 - s1)) * t.dpy[i];
+      }
+      return;
+    }
     if (o.nearest) {
       std::fill(dg, dg + 2 * count, T(0));
     } else {
