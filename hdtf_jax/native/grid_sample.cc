@@ -233,17 +233,33 @@ void ForwardPoints(const T* image, const T* grid, T* out, const Shape& s, const 
   });
 }
 
+// Grid gradient of a block's points from the four corners' dot products with
+// the output gradient (corners outside the image contribute 0).
+template <typename T>
+void GridGradient(const BlockTaps<T>& t, const T (&dots)[4][kBlock], int count, T* dg) {
+  for (int i = 0; i < count; ++i) {
+    const T s0 = t.inside[0][i] != 0 ? dots[0][i] : T(0);
+    const T s1 = t.inside[1][i] != 0 ? dots[1][i] : T(0);
+    const T s2 = t.inside[2][i] != 0 ? dots[2][i] : T(0);
+    const T s3 = t.inside[3][i] != 0 ? dots[3][i] : T(0);
+    const T fx = t.fx[i], fy = t.fy[i];
+    dg[2 * i] = ((1 - fy) * (s1 - s0) + fy * (s3 - s2)) * t.dpx[i];
+    dg[2 * i + 1] = ((1 - fx) * (s2 - s0) + fx * (s3 - s1)) * t.dpy[i];
+  }
+}
+
 // Image gradient of points [begin, end) added into d_image (images
 // first_image, first_image + 1, ... of the batch's gradient, or a private
 // buffer standing for them), grid gradient written for those points.
 //
 // Per block of points: the grid gradient's dot products (reads only), as
 // loops over the block's points one corner at a time, which vectorise; then
-// the scatter, one image row of the corners at a time: with all four
-// corners point by point, neighbouring points' read-modify-writes of a
-// shared corner came back to back, and on jittered grids the CPU mispredicts
-// which loads depend on which stores (2x slower). For C <= 4 (bilinear) the
-// dot products join the scatter's row passes (~15% less CPU on 2x512x512x3).
+// the scatter, one corner at a time: with all four corners point by point,
+// neighbouring points' read-modify-writes of a shared corner came back to
+// back, and on jittered grids the CPU mispredicts which loads depend on which
+// stores (2x slower). With the channel count known at compile time
+// (bilinear), dot products and scatter go together, one pass per image row
+// of the corners (~15% less CPU on 2x512x512x3).
 // Holding a row's sums in registers while consecutive points hit the same or
 // the next pixel was tried: ~40% slower (the branches mispredict on jittered grids).
 template <typename T, int kC>
@@ -263,8 +279,7 @@ void BackwardPoints(const T* image, const T* grid, const T* gout, T* d_image,
     // A few channels, bilinear: one pass per image row of the corners does
     // the dot products and the scatter together (the image and its gradient
     // are read at the same offsets, so the gathers are paid once per row).
-    constexpr bool kFused = kC > 0;
-    if (!o.nearest && kFused) {
+    if (kC > 0 && !o.nearest) {
       constexpr int kC2 = 2 * (kC > 0 ? kC : 1);
       for (int r = 0; r < 2; ++r) {
         const int32_t *off0 = t.offset[2 * r], *off1 = t.offset[2 * r + 1];
@@ -296,15 +311,7 @@ void BackwardPoints(const T* image, const T* grid, const T* gout, T* d_image,
           }
         }
       }
-      for (int i = 0; i < count; ++i) {
-        const T s0 = t.inside[0][i] != 0 ? dots[0][i] : T(0);
-        const T s1 = t.inside[1][i] != 0 ? dots[1][i] : T(0);
-        const T s2 = t.inside[2][i] != 0 ? dots[2][i] : T(0);
-        const T s3 = t.inside[3][i] != 0 ? dots[3][i] : T(0);
-        const T fx = t.fx[i], fy = t.fy[i];
-        dg[2 * i] = ((1 - fy) * (s1 - s0) + fy * (s3 - s2)) * t.dpx[i];
-        dg[2 * i + 1] = ((1 - fx) * (s2 - s0) + fx * (s3 - s1)) * t.dpy[i];
-      }
+      GridGradient(t, dots, count, dg);
       return;
     }
     if (o.nearest) {
@@ -321,51 +328,17 @@ void BackwardPoints(const T* image, const T* grid, const T* gout, T* d_image,
           dk[i] = dot;
         }
       }
-      for (int i = 0; i < count; ++i) {
-        const T s0 = t.inside[0][i] != 0 ? dots[0][i] : T(0);
-        const T s1 = t.inside[1][i] != 0 ? dots[1][i] : T(0);
-        const T s2 = t.inside[2][i] != 0 ? dots[2][i] : T(0);
-        const T s3 = t.inside[3][i] != 0 ? dots[3][i] : T(0);
-        const T fx = t.fx[i], fy = t.fy[i];
-        dg[2 * i] = ((1 - fy) * (s1 - s0) + fy * (s3 - s2)) * t.dpx[i];
-        dg[2 * i + 1] = ((1 - fx) * (s2 - s0) + fx * (s3 - s1)) * t.dpy[i];
-      }
+      GridGradient(t, dots, count, dg);
     }
     // Like the XLA path's scatter: outside corners add weight 0 to a clamped pixel.
-    if (o.nearest || kC == 0) {
-      for (int k = 0; k < taps; ++k) {
-        const int32_t* off = t.offset[k];
-        const T* wk = t.weight[k];
-        for (int i = 0; i < count; ++i) {
-          T* dst = d_img + off[i];
-          const T* gi = g + i * c;
-          const T w = wk[i];
-          for (int64_t j = 0; j < c; ++j) dst[j] += w * gi[j];
-        }
-      }
-      return;
-    }
-    // A few channels: the two corners of a row are usually adjacent pixels,
-    // one read-modify-write of 2C contiguous values (fewer, wider accesses).
-    constexpr int kC2 = 2 * (kC > 0 ? kC : 1);
-    for (int r = 0; r < 2; ++r) {
-      const int32_t *off0 = t.offset[2 * r], *off1 = t.offset[2 * r + 1];
-      const T *w0 = t.weight[2 * r], *w1 = t.weight[2 * r + 1];
+    for (int k = 0; k < taps; ++k) {
+      const int32_t* off = t.offset[k];
+      const T* wk = t.weight[k];
       for (int i = 0; i < count; ++i) {
-        T* d0 = d_img + off0[i];
-        T* d1 = d_img + off1[i];
+        T* dst = d_img + off[i];
         const T* gi = g + i * c;
-        if (d1 == d0 + c) {
-          T add[kC2];
-          for (int64_t j = 0; j < c; ++j) {
-            add[j] = w0[i] * gi[j];
-            add[c + j] = w1[i] * gi[j];
-          }
-          for (int j = 0; j < kC2; ++j) d0[j] += add[j];
-        } else {  // clamped at the left or right edge: the same pixel twice
-          for (int64_t j = 0; j < c; ++j) d0[j] += w0[i] * gi[j];
-          for (int64_t j = 0; j < c; ++j) d1[j] += w1[i] * gi[j];
-        }
+        const T w = wk[i];
+        for (int64_t j = 0; j < c; ++j) dst[j] += w * gi[j];
       }
     }
   });
