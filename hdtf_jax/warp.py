@@ -358,28 +358,25 @@ def _native_backward(image, grid, gout, mode, padding_mode, align_corners):
   return d_image.astype(image.dtype), d_grid.astype(grid.dtype)
 
 
+def _run(native: bool, xla_fn, native_fn, *args, **options):
+  """xla_fn(*args, **options); with `native`, native_fn on CPU instead (accelerators keep
+  the XLA path: the custom call exists only on CPU)."""
+  xla = functools.partial(xla_fn, **options)
+  if not native:
+    return xla(*args)
+  return lax.platform_dependent(*args, cpu=functools.partial(native_fn, **options), default=xla)
+
+
 def _grid_sample_fwd(image, grid, mode, padding_mode, align_corners, native):
-  xla = functools.partial(_xla_forward, mode=mode, padding_mode=padding_mode,
-                          align_corners=align_corners)
-  if native:
-    native = functools.partial(_native_forward, mode=mode, padding_mode=padding_mode,
-                               align_corners=align_corners)
-    # Accelerators keep the XLA path: the custom call exists only on CPU.
-    out = lax.platform_dependent(image, grid, cpu=native, default=xla)
-  else:
-    out = xla(image, grid)
+  out = _run(native, _xla_forward, _native_forward, image, grid, mode=mode,
+             padding_mode=padding_mode, align_corners=align_corners)
   return out, (image, grid)
 
 
 def _grid_sample_bwd(mode, padding_mode, align_corners, native, residuals, gout):
   image, grid = residuals
-  xla = functools.partial(_xla_backward, mode=mode, padding_mode=padding_mode,
-                          align_corners=align_corners)
-  if native:
-    native = functools.partial(_native_backward, mode=mode, padding_mode=padding_mode,
-                               align_corners=align_corners)
-    return lax.platform_dependent(image, grid, gout, cpu=native, default=xla)
-  return xla(image, grid, gout)
+  return _run(native, _xla_backward, _native_backward, image, grid, gout, mode=mode,
+              padding_mode=padding_mode, align_corners=align_corners)
 
 
 _grid_sample.defvjp(_grid_sample_fwd, _grid_sample_bwd)
