@@ -77,7 +77,7 @@ _backward_op = _partitioned(_ffi_backward, 3, "b h w c, b i j t, b i j c -> b h 
                             True)
 
 
-def _fold_vmap(fn, n_args: int):
+def _fold_vmap(fn):
   """`fn(*arrays)` on 4-D arrays -> a custom_vmap whose rule folds vmap's axis into the batch."""
   wrapped = custom_vmap(fn)
 
@@ -96,8 +96,8 @@ def _fold_vmap(fn, n_args: int):
 
 @functools.lru_cache(maxsize=None)
 def _ops(options):
-  fwd = _fold_vmap(lambda image, grid: _forward_op(image, grid, options), 2)
-  bwd = _fold_vmap(lambda image, grid, gout: tuple(_backward_op(image, grid, gout, options)), 3)
+  fwd = _fold_vmap(lambda image, grid: _forward_op(image, grid, options))
+  bwd = _fold_vmap(lambda image, grid, gout: tuple(_backward_op(image, grid, gout, options)))
   return fwd, bwd
 
 
