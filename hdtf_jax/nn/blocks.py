@@ -34,7 +34,7 @@ def conv1d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.
   _check_odd(kernel_size, "conv1d")
   pad = (kernel_size - 1) // 2
   return Conv(features, (kernel_size,), strides=(stride,), padding=[(pad, pad)], dtype=dtype,
-                 name=name)
+              name=name)
 
 
 def conv2d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.float32,
@@ -43,7 +43,7 @@ def conv2d(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.
   _check_odd(kernel_size, "conv2d")
   pad = (kernel_size - 1) // 2
   return Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
-                 padding=[(pad, pad), (pad, pad)], dtype=dtype, name=name)
+              padding=[(pad, pad), (pad, pad)], dtype=dtype, name=name)
 
 
 def batch_norm(train: bool, momentum: float, epsilon: float, dtype: Dtype,

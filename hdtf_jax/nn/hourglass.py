@@ -76,7 +76,7 @@ def conv(features: int, kernel_size: int, stride: int = 1, dtype: Dtype = jnp.fl
   nn.Conv's parameters, a weight gradient XLA:CPU runs fast)."""
   pad = kernel_size // 2
   return Conv(features, (kernel_size, kernel_size), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), dtype=dtype, name=name)
+              padding=((pad, pad), (pad, pad)), dtype=dtype, name=name)
 
 
 def _bilinear2_axis(x: jax.Array, axis: int) -> jax.Array:
